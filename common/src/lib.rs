@@ -1,0 +1,17 @@
+//! Code that the agent, the controller and flotctl really share, and nothing else:
+//! the domain model of telemetry and inventory, identifiers, certificate identities
+//! and the fleet PKI, TLS configuration, config-file loading, logging setup and the
+//! shutdown signal.
+
+pub mod config;
+pub mod identity;
+pub mod ids;
+pub mod logging;
+pub mod model;
+pub mod pki;
+pub mod shutdown;
+pub mod time;
+pub mod tls;
+
+pub use identity::{Identity, Role};
+pub use ids::NodeId;

@@ -1,0 +1,179 @@
+//! The domain model of what agents report: inventory and telemetry batches.
+//! The store, the fleet state and (later) the alert engine work on these types;
+//! `flotilla-proto` converts them to and from the wire, validating on the way in.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where an agent's GPU data comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuSourceKind {
+    /// Real GPUs through NVML.
+    Nvml,
+    /// Simulated GPUs (demo and tests).
+    Simulated,
+    /// No GPU data (no driver, or disabled).
+    #[default]
+    None,
+}
+
+impl GpuSourceKind {
+    /// The lowercase name used on the wire and in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nvml => "nvml",
+            Self::Simulated => "simulated",
+            Self::None => "none",
+        }
+    }
+}
+
+/// What an agent reports about its host when it connects.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Inventory {
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    pub cpu_model: String,
+    pub cpu_cores: u32,
+    pub memory_total_bytes: u64,
+    pub gpus: Vec<GpuInfo>,
+    pub gpu_source: GpuSourceKind,
+    /// Why there is no GPU data, when there is none.
+    pub gpu_source_note: String,
+    pub driver_version: String,
+    pub cuda_version: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+}
+
+/// One GPU in the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_total_bytes: u64,
+}
+
+/// One sample of one GPU; `None` where the source cannot read a value.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct GpuSample {
+    pub index: u32,
+    pub uuid: String,
+    pub utilization_ratio: Option<f64>,
+    pub memory_utilization_ratio: Option<f64>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+    pub power_limit_watts: Option<f64>,
+    pub sm_clock_mhz: Option<u32>,
+    pub memory_clock_mhz: Option<u32>,
+}
+
+/// Host metrics of one sample.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HostSample {
+    pub cpu_utilization_ratio: f64,
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub swap_total_bytes: u64,
+    pub swap_used_bytes: u64,
+    pub filesystems: Vec<FilesystemSample>,
+    pub networks: Vec<NetworkSample>,
+}
+
+/// Size and free space of one mounted filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FilesystemSample {
+    pub mount_point: String,
+    pub device: String,
+    pub fs_type: String,
+    pub size_bytes: u64,
+    pub avail_bytes: u64,
+}
+
+/// Byte counters of one network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetworkSample {
+    pub interface: String,
+    pub receive_bytes_total: u64,
+    pub transmit_bytes_total: u64,
+}
+
+/// A named sample for series with no typed field.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Health of one collector at the time of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CollectorStatus {
+    pub name: String,
+    pub healthy: bool,
+    pub error: String,
+}
+
+/// One collection round of one agent, numbered by the agent.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    /// Strictly increasing per agent, never reused, starting at 1.
+    pub seq: u64,
+    /// When the agent made the batch (Unix ms).
+    pub created_unix_ms: i64,
+    pub gpus: Vec<GpuSample>,
+    pub host: Option<HostSample>,
+    pub samples: Vec<Sample>,
+    pub collectors: Vec<CollectorStatus>,
+}
+
+impl TelemetryBatch {
+    /// The collectors that reported a failure in this batch.
+    pub fn failing_collectors(&self) -> impl Iterator<Item = &CollectorStatus> {
+        self.collectors.iter().filter(|c| !c.healthy)
+    }
+}
+
+/// The lifecycle state of a node as the controller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Connected, heartbeating, every collector healthy.
+    Up,
+    /// Connected, but a collector is failing.
+    Degraded,
+    /// Taken out of scheduling by an operator.
+    Cordoned,
+    /// Traffic is being drained.
+    Draining,
+    /// No heartbeat within the allowed window, or disconnected.
+    Down,
+}
+
+impl NodeState {
+    /// The lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Degraded => "degraded",
+            Self::Cordoned => "cordoned",
+            Self::Draining => "draining",
+            Self::Down => "down",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
