@@ -1,1 +1,141 @@
+//! The Flotilla agent: collects GPU and host telemetry and streams it to the
+//! controller over one mTLS gRPC stream that it dials out (so it works behind
+//! NAT), keeping every batch until the controller has made it durable.
+//!
+//! `main.rs` is thin: it parses flags and calls [`run`]; tests and `flotctl demo`
+//! call [`run`] in-process.
 
+pub mod collector;
+pub mod config;
+pub mod gpu;
+pub mod host;
+pub mod seq;
+pub mod uplink;
+
+use flotilla_common::model::Inventory;
+use flotilla_common::{Identity, NodeId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+use config::GpuSourceChoice;
+use gpu::GpuSource;
+
+/// Why the agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("TLS: {0}")]
+    Tls(#[from] flotilla_common::tls::TlsError),
+    #[error("{0}")]
+    Client(#[from] flotilla_common::client::ClientError),
+    #[error("{0}")]
+    Seq(#[from] seq::SeqError),
+    #[error(
+        "agent certificate {path}: it identifies {identity}, not a node; issue one with `flotctl cert issue --node ID`"
+    )]
+    NotANodeCertificate { path: String, identity: String },
+    #[error("ack log: {0}")]
+    AckLog(std::io::Error),
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let cert_node = match config.tls.identity()? {
+        Identity::Node(id) => id,
+        other => {
+            return Err(AgentError::NotANodeCertificate {
+                path: config.tls.cert.display().to_string(),
+                identity: other.to_string(),
+            });
+        }
+    };
+    let node = match &config.node_id {
+        Some(configured) if *configured != cert_node => {
+            tracing::warn!(configured = %configured, certificate = %cert_node, "node_id differs from the certificate identity; the controller will refuse this agent");
+            configured.clone()
+        }
+        _ => cert_node,
+    };
+    let endpoint = flotilla_common::client::endpoint(&config.controller, &config.tls)?;
+    let seq = seq::SeqAllocator::open(&config.data_dir)?;
+
+    let gpu_source: Box<dyn GpuSource> = match config.gpu.source {
+        GpuSourceChoice::None => Box::new(gpu::NoGpus),
+        GpuSourceChoice::Simulated => {
+            let seed = config
+                .gpu
+                .simulated_seed
+                .unwrap_or_else(|| gpu::simulated::seed_from(node.as_str()));
+            Box::new(gpu::simulated::SimulatedGpus::new(
+                config.gpu.simulated_count,
+                seed,
+            ))
+        }
+    };
+    let mut host = host::HostCollector::new();
+    let inventory = build_inventory(&config, &mut host, gpu_source.as_ref());
+    tracing::info!(node_id = %node, controller = %config.controller, gpus = inventory.gpus.len(), gpu_source = inventory.gpu_source.as_str(), "agent starting");
+
+    let uplink = uplink::Uplink::new(
+        node,
+        inventory,
+        endpoint,
+        config.heartbeat(),
+        config.uplink.clone(),
+        seq,
+    )
+    .map_err(AgentError::AckLog)?;
+    let tracker = TaskTracker::new();
+    let (tx, rx) = mpsc::channel(1024);
+    tracker.spawn(collector::run(
+        gpu_source,
+        host,
+        config.interval,
+        tx,
+        shutdown.child_token(),
+    ));
+    tracker.spawn(uplink.run(rx, shutdown.child_token()));
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+fn build_inventory(
+    config: &Config,
+    host: &mut host::HostCollector,
+    gpu: &dyn GpuSource,
+) -> Inventory {
+    let facts = host.facts();
+    let g = gpu.inventory();
+    Inventory {
+        hostname: facts.hostname,
+        os: facts.os,
+        kernel: facts.kernel,
+        cpu_model: facts.cpu_model,
+        cpu_cores: facts.cpu_cores,
+        memory_total_bytes: facts.memory_total_bytes,
+        gpus: g.gpus,
+        gpu_source: g.kind,
+        gpu_source_note: g.note,
+        driver_version: g.driver_version,
+        cuda_version: g.cuda_version,
+        labels: config.labels.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// The node id an agent with this configuration will claim.
+pub fn node_id(config: &Config) -> Result<NodeId, AgentError> {
+    if let Some(id) = &config.node_id {
+        return Ok(id.clone());
+    }
+    match config.tls.identity()? {
+        Identity::Node(id) => Ok(id),
+        other => Err(AgentError::NotANodeCertificate {
+            path: config.tls.cert.display().to_string(),
+            identity: other.to_string(),
+        }),
+    }
+}

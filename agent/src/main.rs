@@ -1,1 +1,106 @@
-fn main() {}
+//! `flotilla-agent`: parses flags, loads config, runs the agent.
+#![allow(clippy::print_stderr)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use flotilla_agent::config::{Config, GpuSourceChoice, Overrides};
+use flotilla_common::NodeId;
+use flotilla_common::logging::{self, LogFormat};
+
+/// The Flotilla agent: streams GPU and host telemetry to the controller over mTLS gRPC.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file (see deploy/agent.toml).
+    #[arg(long, short = 'c', env = "FLOTILLA_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Controller address, https://HOST:PORT.
+    #[arg(long, env = "FLOTILLA_CONTROLLER")]
+    controller: Option<String>,
+    /// Node id to claim (must match the certificate; defaults to it).
+    #[arg(long, env = "FLOTILLA_NODE_ID")]
+    node_id: Option<NodeId>,
+    /// Fleet CA certificate (PEM).
+    #[arg(long, env = "FLOTILLA_CA")]
+    ca: Option<PathBuf>,
+    /// Agent certificate (PEM).
+    #[arg(long, env = "FLOTILLA_CERT")]
+    cert: Option<PathBuf>,
+    /// Agent private key (PEM).
+    #[arg(long, env = "FLOTILLA_KEY")]
+    key: Option<PathBuf>,
+    /// State directory.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Telemetry interval, e.g. 1s or 500ms.
+    #[arg(long, env = "FLOTILLA_INTERVAL", value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
+    /// GPU source: none or simulated.
+    #[arg(long, env = "FLOTILLA_GPU_SOURCE", value_parser = parse_gpu_source)]
+    gpu_source: Option<GpuSourceChoice>,
+    /// Number of simulated GPUs.
+    #[arg(long, env = "FLOTILLA_SIMULATED_GPUS")]
+    simulated_gpus: Option<u32>,
+    /// Diagnostics: append every acknowledged seq to this file.
+    #[arg(long, env = "FLOTILLA_ACK_LOG")]
+    ack_log: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+fn parse_gpu_source(s: &str) -> Result<GpuSourceChoice, String> {
+    match s {
+        "none" => Ok(GpuSourceChoice::None),
+        "simulated" => Ok(GpuSourceChoice::Simulated),
+        other => Err(format!(
+            "unknown GPU source {other:?}: use none or simulated"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    flotilla_common::tls::install_crypto_provider();
+    let overrides = Overrides {
+        controller: args.controller,
+        node_id: args.node_id,
+        ca: args.ca,
+        cert: args.cert,
+        key: args.key,
+        data_dir: args.data_dir,
+        interval: args.interval,
+        gpu_source: args.gpu_source,
+        simulated_gpus: args.simulated_gpus,
+        ack_log: args.ack_log,
+        log_format: args.log_format,
+    };
+    let config = match Config::load(args.config.as_deref(), overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flotilla-agent: config error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    logging::init(config.log_format, "info");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flotilla-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = flotilla_common::shutdown::on_signal();
+        match flotilla_agent::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("flotilla-agent: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

@@ -1,1 +1,76 @@
-fn main() {}
+//! `flotilla-controller`: parses flags, loads config, runs the controller.
+#![allow(clippy::print_stderr)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use flotilla_common::logging::{self, LogFormat};
+use flotilla_controller::config::{Config, Overrides};
+
+/// The Flotilla controller: fleet state, telemetry store and operator API over mTLS gRPC.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file (see deploy/controller.toml).
+    #[arg(long, short = 'c', env = "FLOTILLA_CONTROLLER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on for agents and operators (mTLS gRPC).
+    #[arg(long, env = "FLOTILLA_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory of the sled store.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Fleet CA certificate (PEM).
+    #[arg(long, env = "FLOTILLA_CA")]
+    ca: Option<PathBuf>,
+    /// Controller server certificate (PEM).
+    #[arg(long, env = "FLOTILLA_CERT")]
+    cert: Option<PathBuf>,
+    /// Controller private key (PEM).
+    #[arg(long, env = "FLOTILLA_KEY")]
+    key: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    flotilla_common::tls::install_crypto_provider();
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        ca: args.ca,
+        cert: args.cert,
+        key: args.key,
+        log_format: args.log_format,
+    };
+    let config = match Config::load(args.config.as_deref(), overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flotilla-controller: config error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    logging::init(config.log_format, "info");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flotilla-controller: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = flotilla_common::shutdown::on_signal();
+        match flotilla_controller::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "controller failed");
+                eprintln!("flotilla-controller: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

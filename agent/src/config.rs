@@ -1,0 +1,257 @@
+//! Agent configuration: defaults < TOML file < environment < flags, then one
+//! `validate()`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_common::NodeId;
+use flotilla_common::config::{ConfigError, load_toml};
+use flotilla_common::logging::LogFormat;
+use flotilla_common::tls::TlsFiles;
+use serde::Deserialize;
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The controller's address, `https://host:port`.
+    pub controller: String,
+    /// This node's id. Defaults to the identity in the agent certificate; when set
+    /// it must match it (the controller refuses a mismatch).
+    pub node_id: Option<NodeId>,
+    /// The fleet CA and this agent's client certificate.
+    pub tls: TlsFiles,
+    /// Where the agent keeps its state (sequence counter).
+    pub data_dir: PathBuf,
+    /// How often telemetry is collected and sent.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How often a heartbeat is sent (defaults to `interval`).
+    #[serde(with = "humantime_serde", default)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Labels reported in the inventory (e.g. `rack = "r1"`, `role = "gateway"`).
+    pub labels: BTreeMap<String, String>,
+    pub gpu: GpuConfig,
+    pub uplink: UplinkConfig,
+    pub log_format: LogFormat,
+}
+
+/// Which GPU source feeds telemetry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuSourceChoice {
+    /// No GPU data.
+    #[default]
+    None,
+    /// Simulated GPUs (demo, tests): deterministic curves, no hardware needed.
+    Simulated,
+}
+
+/// GPU collection settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    pub source: GpuSourceChoice,
+    /// Number of simulated GPUs.
+    pub simulated_count: u32,
+    /// Seed of the simulated curves (defaults to one derived from the node id).
+    pub simulated_seed: Option<u64>,
+}
+
+/// Link to the controller.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// Unacknowledged batches kept in memory; past this the oldest are dropped (and counted).
+    pub max_pending_batches: usize,
+    /// First reconnect delay; doubles per failure up to `backoff_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// If the oldest sent batch is not acknowledged within this, reconnect and resend.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Diagnostics: append every acknowledged seq to this file, one a line.
+    pub ack_log: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let pki = Path::new("/etc/flotilla/pki");
+        Self {
+            controller: "https://localhost:7443".to_owned(),
+            node_id: None,
+            tls: TlsFiles {
+                ca: pki.join("ca.pem"),
+                cert: pki.join("agent.pem"),
+                key: pki.join("agent.key"),
+            },
+            data_dir: PathBuf::from("/var/lib/flotilla/agent"),
+            interval: Duration::from_secs(5),
+            heartbeat_interval: None,
+            labels: BTreeMap::new(),
+            gpu: GpuConfig::default(),
+            uplink: UplinkConfig::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            source: GpuSourceChoice::None,
+            simulated_count: 8,
+            simulated_seed: None,
+        }
+    }
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            max_pending_batches: 3600,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(30),
+            ack_log: None,
+        }
+    }
+}
+
+/// Values from the environment or flags; each `Some` wins over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub controller: Option<String>,
+    pub node_id: Option<NodeId>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub interval: Option<Duration>,
+    pub gpu_source: Option<GpuSourceChoice>,
+    pub simulated_gpus: Option<u32>,
+    pub ack_log: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Loads `file` (if any) over the defaults, applies `overrides`, validates.
+    pub fn load(file: Option<&Path>, o: Overrides) -> Result<Self, ConfigError> {
+        let mut c: Config = match file {
+            Some(path) => load_toml(path)?,
+            None => Config::default(),
+        };
+        c.controller = o.controller.unwrap_or(c.controller);
+        c.node_id = o.node_id.or(c.node_id);
+        c.tls.ca = o.ca.unwrap_or(c.tls.ca);
+        c.tls.cert = o.cert.unwrap_or(c.tls.cert);
+        c.tls.key = o.key.unwrap_or(c.tls.key);
+        c.data_dir = o.data_dir.unwrap_or(c.data_dir);
+        c.interval = o.interval.unwrap_or(c.interval);
+        c.gpu.source = o.gpu_source.unwrap_or(c.gpu.source);
+        c.gpu.simulated_count = o.simulated_gpus.unwrap_or(c.gpu.simulated_count);
+        c.uplink.ack_log = o.ack_log.or(c.uplink.ack_log);
+        c.log_format = o.log_format.unwrap_or(c.log_format);
+        let origin = file.map_or_else(|| "agent config".to_owned(), |p| p.display().to_string());
+        c.validate(&origin)?;
+        Ok(c)
+    }
+
+    /// The effective heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat_interval.unwrap_or(self.interval)
+    }
+
+    /// Checks the values that parsing cannot.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::invalid(origin, m));
+        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600) {
+            return bad(format!(
+                "interval {} is outside 100ms..1h",
+                humantime::format_duration(self.interval)
+            ));
+        }
+        let hb = self.heartbeat();
+        if hb < Duration::from_millis(100) || hb > Duration::from_secs(60) {
+            return bad(format!(
+                "heartbeat_interval {} is outside 100ms..60s",
+                humantime::format_duration(hb)
+            ));
+        }
+        if self.gpu.simulated_count > 64 {
+            return bad(format!(
+                "gpu.simulated_count {} is above 64",
+                self.gpu.simulated_count
+            ));
+        }
+        if self.uplink.max_pending_batches == 0 {
+            return bad("uplink.max_pending_batches must be at least 1".to_owned());
+        }
+        if self.uplink.backoff_initial.is_zero()
+            || self.uplink.backoff_initial > self.uplink.backoff_max
+        {
+            return bad(
+                "uplink.backoff_initial must be above zero and at most uplink.backoff_max"
+                    .to_owned(),
+            );
+        }
+        for key in self.labels.keys() {
+            let ok = key
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return bad(format!(
+                    "label name {key:?} must match [a-zA-Z_][a-zA-Z0-9_]*"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_in_deploy_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let c = Config::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(c.interval, Duration::from_secs(5));
+        assert_eq!(c.labels.get("rack").map(String::as_str), Some("r1"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(
+            &path,
+            "controller = \"https://x:1\"\n[gpu]\nsorce = \"none\"\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&path), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.toml:3") && err.contains("sorce"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let o = Overrides {
+            interval: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        assert!(
+            Config::load(None, o)
+                .unwrap_err()
+                .to_string()
+                .contains("interval")
+        );
+    }
+}

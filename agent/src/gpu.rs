@@ -1,0 +1,51 @@
+//! GPU sources behind one trait: the agent does not care whether samples come
+//! from NVML or from the simulator.
+
+pub mod simulated;
+
+use flotilla_common::model::{GpuInfo, GpuSample, GpuSourceKind};
+
+/// What a GPU source knows about the host's GPUs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuInventory {
+    pub kind: GpuSourceKind,
+    pub gpus: Vec<GpuInfo>,
+    pub driver_version: String,
+    pub cuda_version: String,
+    /// Why there is no GPU data, when there is none.
+    pub note: String,
+}
+
+/// A GPU source failed to produce a sample.
+#[derive(Debug, thiserror::Error)]
+#[error("GPU source {source_name}: {message}")]
+pub struct GpuError {
+    pub source_name: &'static str,
+    pub message: String,
+}
+
+/// A source of GPU inventory and samples.
+pub trait GpuSource: Send {
+    /// The GPUs present.
+    fn inventory(&self) -> GpuInventory;
+    /// One sample per GPU at `elapsed` since the agent started.
+    fn sample(&mut self, elapsed: std::time::Duration) -> Result<Vec<GpuSample>, GpuError>;
+}
+
+/// The source for hosts configured without GPU collection.
+#[derive(Debug, Default)]
+pub struct NoGpus;
+
+impl GpuSource for NoGpus {
+    fn inventory(&self) -> GpuInventory {
+        GpuInventory {
+            kind: GpuSourceKind::None,
+            note: "GPU collection disabled (gpu.source = \"none\")".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn sample(&mut self, _elapsed: std::time::Duration) -> Result<Vec<GpuSample>, GpuError> {
+        Ok(Vec::new())
+    }
+}

@@ -1,0 +1,401 @@
+//! The link to the controller: one bidirectional stream, reconnected with
+//! jittered exponential backoff. Every batch stays in `pending` until the
+//! controller acknowledges it (after flushing it to disk), and is resent on the
+//! next stream if the link breaks first.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::Write;
+use std::time::Duration;
+
+use flotilla_common::NodeId;
+use flotilla_common::model::{Inventory, TelemetryBatch};
+use flotilla_common::time::now_unix_ms;
+use flotilla_proto::pb::agent_message::Body as Up;
+use flotilla_proto::pb::agent_service_client::AgentServiceClient;
+use flotilla_proto::pb::controller_message::Body as Down;
+use flotilla_proto::{PROTOCOL_VERSION, pb};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::transport::Endpoint;
+
+use crate::config::UplinkConfig;
+use crate::seq::SeqAllocator;
+
+/// How long to wait for the controller's welcome after opening the stream.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a clean shutdown waits for the last acknowledgements.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(2);
+
+struct Pending {
+    batch: TelemetryBatch,
+    sent_at: Option<Instant>,
+}
+
+/// An open stream.
+struct Link {
+    tx: mpsc::Sender<pb::AgentMessage>,
+    inbound: Streaming<pb::ControllerMessage>,
+}
+
+/// Why a link ended.
+#[derive(Debug)]
+enum LinkEnd {
+    Shutdown,
+    Broken(String),
+}
+
+/// The uplink state; owned by one task.
+pub struct Uplink {
+    node: NodeId,
+    inventory: Inventory,
+    endpoint: Endpoint,
+    heartbeat: Duration,
+    config: UplinkConfig,
+    seq: SeqAllocator,
+    pending: VecDeque<Pending>,
+    dropped: u64,
+    ack_log: Option<std::fs::File>,
+    welcomed_once: bool,
+}
+
+impl std::fmt::Debug for Uplink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uplink")
+            .field("node", &self.node)
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Uplink {
+    pub fn new(
+        node: NodeId,
+        inventory: Inventory,
+        endpoint: Endpoint,
+        heartbeat: Duration,
+        config: UplinkConfig,
+        seq: SeqAllocator,
+    ) -> Result<Self, std::io::Error> {
+        let ack_log = match &config.ack_log {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            node,
+            inventory,
+            endpoint,
+            heartbeat,
+            config,
+            seq,
+            pending: VecDeque::new(),
+            dropped: 0,
+            ack_log,
+            welcomed_once: false,
+        })
+    }
+
+    /// Runs until `cancel` fires.
+    pub async fn run(
+        mut self,
+        mut batches: mpsc::Receiver<TelemetryBatch>,
+        cancel: CancellationToken,
+    ) {
+        let mut failures: u32 = 0;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            match self.connect().await {
+                Ok(link) => {
+                    failures = 0;
+                    match self.serve(link, &mut batches, &cancel).await {
+                        LinkEnd::Shutdown => return,
+                        LinkEnd::Broken(reason) => {
+                            tracing::warn!(%reason, pending = self.pending.len(), "link to controller lost; reconnecting");
+                        }
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, attempt = failures + 1, pending = self.pending.len(), "cannot reach controller");
+                }
+            }
+            failures = failures.saturating_add(1);
+            let delay = backoff(
+                self.config.backoff_initial,
+                self.config.backoff_max,
+                failures,
+            );
+            let deadline = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => break,
+                    batch = batches.recv() => match batch {
+                        Some(b) => { self.enqueue(b); }
+                        None => return,
+                    },
+                    () = cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    /// Numbers a new batch and queues it; drops the oldest past the bound.
+    fn enqueue(&mut self, mut batch: TelemetryBatch) -> Option<usize> {
+        batch.seq = match self.seq.next() {
+            Ok(seq) => seq,
+            Err(error) => {
+                tracing::error!(%error, "cannot persist the sequence counter; batch dropped");
+                self.dropped += 1;
+                return None;
+            }
+        };
+        if self.pending.len() >= self.config.max_pending_batches {
+            self.pending.pop_front();
+            self.dropped += 1;
+            if self.dropped == 1 || self.dropped.is_multiple_of(100) {
+                tracing::warn!(
+                    dropped_total = self.dropped,
+                    bound = self.config.max_pending_batches,
+                    "telemetry buffer full; dropping the oldest unacknowledged batches"
+                );
+            }
+        }
+        self.pending.push_back(Pending {
+            batch,
+            sent_at: None,
+        });
+        Some(self.pending.len() - 1)
+    }
+
+    async fn connect(&mut self) -> Result<Link, String> {
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| flotilla_common::client::describe(&e))?;
+        let mut client = AgentServiceClient::new(channel)
+            .max_decoding_message_size(4 * 1024 * 1024)
+            .max_encoding_message_size(4 * 1024 * 1024);
+        let (tx, rx) = mpsc::channel(256);
+        let hello = pb::AgentMessage {
+            body: Some(Up::Hello(pb::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                node_id: self.node.to_string(),
+                inventory: Some(self.inventory.clone().into()),
+                heartbeat_interval_ms: u32::try_from(self.heartbeat.as_millis())
+                    .unwrap_or(u32::MAX),
+            })),
+        };
+        tx.send(hello)
+            .await
+            .map_err(|_| "stream closed before hello".to_owned())?;
+        let mut inbound = client
+            .connect(ReceiverStream::new(rx))
+            .await
+            .map_err(refusal)?
+            .into_inner();
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err("no welcome from the controller in time".to_owned()),
+            Ok(Err(status)) => return Err(refusal(status)),
+            Ok(Ok(Some(pb::ControllerMessage {
+                body: Some(Down::Welcome(w)),
+            }))) => w,
+            Ok(Ok(_)) => return Err("the controller's first message was not a welcome".to_owned()),
+        };
+        self.on_welcome(&welcome);
+        tracing::info!(controller_version = %welcome.controller_version, pending = self.pending.len(), "connected to controller");
+        Ok(Link { tx, inbound })
+    }
+
+    /// On the first welcome after a start without sequence state, continue above
+    /// what the controller already holds, renumbering batches not yet sent.
+    fn on_welcome(&mut self, welcome: &pb::Welcome) {
+        if self.welcomed_once {
+            return;
+        }
+        self.welcomed_once = true;
+        if !self.seq.fresh() || welcome.last_stored_seq == 0 {
+            return;
+        }
+        if let Err(error) = self.seq.skip_past(welcome.last_stored_seq) {
+            tracing::error!(%error, "cannot persist the sequence counter");
+            return;
+        }
+        let mut renumbered = 0;
+        for p in self.pending.iter_mut() {
+            if p.batch.seq <= welcome.last_stored_seq
+                && let Ok(seq) = self.seq.next()
+            {
+                p.batch.seq = seq;
+                renumbered += 1;
+            }
+        }
+        // Renumbering keeps order only if every pending seq moved; re-sort to be sure.
+        self.pending.make_contiguous().sort_by_key(|p| p.batch.seq);
+        tracing::warn!(
+            last_stored_seq = welcome.last_stored_seq,
+            renumbered,
+            "sequence state was missing; continuing above the controller's last stored seq"
+        );
+    }
+
+    async fn serve(
+        &mut self,
+        mut link: Link,
+        batches: &mut mpsc::Receiver<TelemetryBatch>,
+        cancel: &CancellationToken,
+    ) -> LinkEnd {
+        // Resend everything not yet acknowledged, oldest first.
+        for i in 0..self.pending.len() {
+            if let Err(reason) = self.send(&link, i).await {
+                return LinkEnd::Broken(reason);
+            }
+        }
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut watchdog = tokio::time::interval(self.config.ack_timeout / 4);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    self.drain_acks(&mut link).await;
+                    return LinkEnd::Shutdown;
+                }
+                batch = batches.recv() => {
+                    let Some(batch) = batch else { return LinkEnd::Shutdown };
+                    if let Some(i) = self.enqueue(batch)
+                        && let Err(reason) = self.send(&link, i).await
+                    {
+                        return LinkEnd::Broken(reason);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let hb = pb::AgentMessage { body: Some(Up::Heartbeat(pb::Heartbeat { sent_unix_ms: now_unix_ms() })) };
+                    if let Err(reason) = self.send_msg(&link, hb).await {
+                        return LinkEnd::Broken(reason);
+                    }
+                }
+                msg = link.inbound.message() => match msg {
+                    Ok(Some(pb::ControllerMessage { body: Some(Down::Ack(ack)) })) => self.on_ack(&ack.seqs),
+                    Ok(Some(_)) => tracing::debug!("ignoring unexpected controller message"),
+                    Ok(None) => return LinkEnd::Broken("controller closed the stream".to_owned()),
+                    Err(status) => return LinkEnd::Broken(refusal(status)),
+                },
+                _ = watchdog.tick() => {
+                    if let Some(sent) = self.pending.front().and_then(|p| p.sent_at)
+                        && sent.elapsed() > self.config.ack_timeout
+                    {
+                        return LinkEnd::Broken(format!("no acknowledgement within {}s", self.config.ack_timeout.as_secs()));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, link: &Link, index: usize) -> Result<(), String> {
+        let Some(p) = self.pending.get_mut(index) else {
+            return Ok(());
+        };
+        p.sent_at = Some(Instant::now());
+        let msg = pb::AgentMessage {
+            body: Some(Up::Telemetry(p.batch.clone().into())),
+        };
+        self.send_msg(link, msg).await
+    }
+
+    async fn send_msg(&self, link: &Link, msg: pb::AgentMessage) -> Result<(), String> {
+        match tokio::time::timeout(self.config.ack_timeout, link.tx.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("stream closed".to_owned()),
+            Err(_) => Err("controller not reading the stream".to_owned()),
+        }
+    }
+
+    fn on_ack(&mut self, seqs: &[u64]) {
+        let acked: BTreeSet<u64> = seqs.iter().copied().collect();
+        self.pending.retain(|p| !acked.contains(&p.batch.seq));
+        if let Some(log) = self.ack_log.as_mut() {
+            let text: String = seqs.iter().map(|s| format!("{s}\n")).collect();
+            if let Err(error) = log.write_all(text.as_bytes()).and_then(|()| log.flush()) {
+                tracing::warn!(%error, "cannot write the ack log");
+            }
+        }
+    }
+
+    /// On shutdown, give the controller a moment to acknowledge what was sent.
+    async fn drain_acks(&mut self, link: &mut Link) {
+        let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
+        while self.pending.iter().any(|p| p.sent_at.is_some()) {
+            match tokio::time::timeout_at(deadline, link.inbound.message()).await {
+                Ok(Ok(Some(pb::ControllerMessage {
+                    body: Some(Down::Ack(ack)),
+                }))) => self.on_ack(&ack.seqs),
+                Ok(Ok(Some(_))) => {}
+                _ => break,
+            }
+        }
+        if !self.pending.is_empty() {
+            tracing::warn!(
+                unacknowledged = self.pending.len(),
+                "stopping with unacknowledged telemetry (kept in memory only)"
+            );
+        }
+    }
+}
+
+/// Turns a refusal into words; a refusal by policy is logged loudly once here.
+fn refusal(status: tonic::Status) -> String {
+    use tonic::Code;
+    let text = match status.code() {
+        Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::FailedPrecondition
+        | Code::InvalidArgument => {
+            format!(
+                "controller refused this agent ({:?}): {}",
+                status.code(),
+                status.message()
+            )
+        }
+        _ => format!("{:?}: {}", status.code(), status.message()),
+    };
+    if matches!(
+        status.code(),
+        Code::PermissionDenied | Code::Unauthenticated
+    ) {
+        tracing::error!(reason = %text, "refused by the controller; check this agent's certificate and node_id");
+    }
+    text
+}
+
+/// Exponential backoff with "equal jitter": half fixed, half random, so that a
+/// fleet reconnecting after a controller restart spreads out.
+pub fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+    let exp = initial.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let capped = exp.min(max);
+    let half = capped / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(5));
+        for f in 1..40 {
+            let d = backoff(i, m, f);
+            assert!(d <= m);
+            let ceiling = i.saturating_mul(1 << (f - 1).min(16)).min(m);
+            assert!(d >= ceiling / 2 && d <= ceiling, "{f}: {d:?}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Live agent sessions: who is connected, since when, and when we last heard
+//! from them. Node state is derived from this and the store, never stored twice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use flotilla_common::NodeId;
+use flotilla_common::model::{NodeState, TelemetryBatch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// One connected agent stream.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Distinguishes a reconnect from the stream it replaces.
+    pub id: u64,
+    pub peer: Option<SocketAddr>,
+    pub connected_at: Instant,
+    pub last_heard: Instant,
+    pub heartbeat_interval: Duration,
+    /// Cancelled to close the stream (replaced, timed out, shutting down).
+    pub cancel: CancellationToken,
+}
+
+/// The registry of live sessions; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: u64,
+    sessions: HashMap<NodeId, Session>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (every operation is a single insert/remove), so poison is safe to clear.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a new session for `node`, closing the one it replaces, if any.
+    pub fn open(
+        &self,
+        node: &NodeId,
+        peer: Option<SocketAddr>,
+        heartbeat_interval: Duration,
+        parent: &CancellationToken,
+    ) -> Session {
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let now = Instant::now();
+        let session = Session {
+            id: inner.next_id,
+            peer,
+            connected_at: now,
+            last_heard: now,
+            heartbeat_interval,
+            cancel: parent.child_token(),
+        };
+        if let Some(old) = inner.sessions.insert(node.clone(), session.clone()) {
+            tracing::info!(node_id = %node, old_peer = ?old.peer, "agent reconnected; closing its previous stream");
+            old.cancel.cancel();
+        }
+        session
+    }
+
+    /// Notes that `node` was heard from on session `id`.
+    pub fn touch(&self, node: &NodeId, id: u64) {
+        if let Some(s) = self.lock().sessions.get_mut(node)
+            && s.id == id
+        {
+            s.last_heard = Instant::now();
+        }
+    }
+
+    /// Removes session `id` of `node` and returns it; a newer session is left alone.
+    pub fn close(&self, node: &NodeId, id: u64) -> Option<Session> {
+        let mut inner = self.lock();
+        if inner.sessions.get(node).is_some_and(|s| s.id == id) {
+            return inner.sessions.remove(node);
+        }
+        None
+    }
+
+    /// The current session of `node`.
+    pub fn session(&self, node: &NodeId) -> Option<Session> {
+        self.lock().sessions.get(node).cloned()
+    }
+
+    /// Sessions whose agent has been silent past `missed` heartbeat intervals.
+    pub fn expired(&self, now: Instant, missed: u32) -> Vec<(NodeId, Session)> {
+        self.lock()
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.cancel.is_cancelled())
+            .filter(|(_, s)| {
+                now.saturating_duration_since(s.last_heard) > s.heartbeat_interval * missed
+            })
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Number of connected agents.
+    pub fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Whether no agent is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Wall-clock time (Unix ms) at which `instant` happened.
+pub fn unix_ms_at(instant: Instant) -> i64 {
+    let ago = Instant::now().saturating_duration_since(instant);
+    flotilla_common::time::now_unix_ms() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Decides a node's state from its session and latest batch: a pure function of
+/// its inputs so that every rule is unit-tested.
+pub fn node_state(
+    session: Option<&Session>,
+    latest: Option<&TelemetryBatch>,
+    now: Instant,
+    missed: u32,
+) -> (NodeState, String) {
+    let Some(session) = session else {
+        return (NodeState::Down, "agent not connected".to_owned());
+    };
+    let silent = now.saturating_duration_since(session.last_heard);
+    if silent > session.heartbeat_interval * missed {
+        return (
+            NodeState::Down,
+            format!("no heartbeat for {}s", silent.as_secs()),
+        );
+    }
+    let failing: Vec<String> = latest
+        .into_iter()
+        .flat_map(|b| b.failing_collectors())
+        .map(|c| format!("collector {} failing: {}", c.name, c.error))
+        .collect();
+    if !failing.is_empty() {
+        return (NodeState::Degraded, failing.join("; "));
+    }
+    (NodeState::Up, String::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_common::model::CollectorStatus;
+
+    fn node(id: &str) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn state_follows_heartbeats_and_collectors() {
+        let reg = Registry::default();
+        let root = CancellationToken::new();
+        let n = node("a");
+        assert_eq!(node_state(None, None, Instant::now(), 3).0, NodeState::Down);
+
+        let s = reg.open(&n, None, Duration::from_secs(1), &root);
+        assert_eq!(
+            node_state(Some(&s), None, Instant::now(), 3).0,
+            NodeState::Up
+        );
+
+        let mut bad = TelemetryBatch::default();
+        bad.collectors.push(CollectorStatus {
+            name: "gpu".into(),
+            healthy: false,
+            error: "nvml".into(),
+        });
+        let (state, reason) = node_state(Some(&s), Some(&bad), Instant::now(), 3);
+        assert_eq!(state, NodeState::Degraded);
+        assert!(reason.contains("gpu"));
+
+        tokio::time::advance(Duration::from_millis(3100)).await;
+        let s = reg.session(&n).unwrap();
+        assert_eq!(
+            node_state(Some(&s), None, Instant::now(), 3).0,
+            NodeState::Down
+        );
+        assert_eq!(reg.expired(Instant::now(), 3).len(), 1);
+        reg.touch(&n, s.id);
+        assert!(reg.expired(Instant::now(), 3).is_empty());
+        tokio::time::advance(Duration::from_millis(3100)).await;
+        s.cancel.cancel();
+        assert!(
+            reg.expired(Instant::now(), 3).is_empty(),
+            "a stream already being closed is not reported again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_replaces_and_closes_the_old_session() {
+        let reg = Registry::default();
+        let root = CancellationToken::new();
+        let n = node("a");
+        let old = reg.open(&n, None, Duration::from_secs(1), &root);
+        let new = reg.open(&n, None, Duration::from_secs(1), &root);
+        assert!(old.cancel.is_cancelled());
+        assert!(
+            reg.close(&n, old.id).is_none(),
+            "the old stream's cleanup must not remove the new session"
+        );
+        assert_eq!(reg.session(&n).unwrap().id, new.id);
+        assert!(reg.close(&n, new.id).is_some());
+        assert!(reg.is_empty());
+    }
+}

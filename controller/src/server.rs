@@ -1,0 +1,142 @@
+//! Assembles the gRPC server: services, health, reflection, the tower layers and
+//! the background loops, with one shutdown path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::pb::agent_service_server::AgentServiceServer;
+use flotilla_proto::pb::fleet_server::FleetServer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::service::{Context, agent::AgentApi, fleet::FleetApi};
+use crate::{Controller, ControllerError, ingest, liveness, registry::Registry};
+
+/// How long in-flight work may take to finish after shutdown starts.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+pub async fn serve(
+    controller: Controller,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
+    let Controller {
+        listener,
+        local_addr,
+        store,
+        tls,
+        config,
+    } = controller;
+    let tracker = TaskTracker::new();
+    // Streams and background loops stop on `work`; the committer stops last, on
+    // `commit`, so that batches received before shutdown are still acknowledged.
+    let work = shutdown.child_token();
+    let commit = CancellationToken::new();
+    let registry = Registry::default();
+    let committer = ingest::spawn(
+        store.clone(),
+        config.telemetry.commit_queue,
+        config.telemetry.max_commit_group,
+        commit.clone(),
+        &tracker,
+    );
+    let ctx = Context {
+        store: store.clone(),
+        registry: registry.clone(),
+        committer,
+        config: config.clone(),
+        shutdown: work.clone(),
+        tracker: tracker.clone(),
+    };
+
+    tracker.spawn(liveness::run(
+        registry.clone(),
+        config.agents.missed_heartbeats,
+        Duration::from_millis(250),
+        work.clone(),
+    ));
+    tracker.spawn(prune_loop(
+        store.clone(),
+        config.telemetry.retention,
+        work.clone(),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServiceServer<AgentApi>>().await;
+    health.set_serving::<FleetServer<FleetApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ControllerError::Reflection(e.to_string()))?;
+
+    let max = config.limits.max_message_bytes;
+    let incoming = crate::listener::incoming(
+        listener,
+        tls,
+        config.limits.handshake_timeout,
+        config.limits.max_concurrent_handshakes,
+        work.clone(),
+        &tracker,
+    );
+    tracing::info!(%local_addr, data_dir = %config.data_dir.display(), "controller listening (mTLS)");
+
+    let served = tonic::transport::Server::builder()
+        // Why each setting: keepalives find dead peers behind NAT; the timeout
+        // bounds unary calls (a stream's response starts at once, so it is not cut);
+        // the stream cap stops one connection from hogging the server.
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .timeout(Duration::from_secs(30))
+        .max_concurrent_streams(Some(256))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            AgentServiceServer::new(AgentApi::new(ctx.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            FleetServer::new(FleetApi::new(ctx))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, work.clone().cancelled_owned())
+        .await;
+
+    // Drain: streams end (their tasks see `work` cancelled), then the committer
+    // flushes what is queued, then every task is awaited within the grace period.
+    work.cancel();
+    commit.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not finish within the shutdown grace period");
+    }
+    tracing::info!("controller stopped");
+    served.map_err(ControllerError::from)
+}
+
+async fn prune_loop(
+    store: Arc<dyn crate::store::Store>,
+    retention: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let cutoff = flotilla_common::time::now_unix_ms()
+            - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.prune_batches(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::info!(removed, "pruned telemetry past retention"),
+            Ok(Err(error)) => tracing::warn!(%error, "telemetry pruning failed"),
+            Err(error) => tracing::warn!(%error, "telemetry pruning task failed"),
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! `flotilla.v1.AgentService`: one bidirectional stream per agent. The hello is
+//! checked against the certificate, then each message goes through small
+//! handlers (liveness, telemetry) and durable batches are acknowledged.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use flotilla_common::NodeId;
+use flotilla_common::model::{Inventory, TelemetryBatch};
+use flotilla_common::time::now_unix_ms;
+use flotilla_proto::pb::agent_message::Body as Up;
+use flotilla_proto::pb::agent_service_server::AgentService;
+use flotilla_proto::pb::controller_message::Body as Down;
+use flotilla_proto::{Limits, PROTOCOL_VERSION, pb};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::{Context, blocking};
+use crate::ingest::Job;
+use crate::registry::Session;
+use crate::store::NodeRecord;
+
+/// The AgentService implementation.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    ctx: Context,
+}
+
+impl AgentApi {
+    pub fn new(ctx: Context) -> Self {
+        Self { ctx }
+    }
+}
+
+type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type ConnectStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all, fields(node_id, peer))]
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = request.remote_addr();
+        let cert_node = crate::auth::require_node(&request)?;
+        tracing::Span::current().record("node_id", tracing::field::display(&cert_node));
+        tracing::Span::current().record("peer", tracing::field::debug(&peer));
+        let mut inbound = request.into_inner();
+
+        let hello = read_hello(&mut inbound, self.ctx.config.agents.hello_timeout).await?;
+        let (inventory, interval) = check_hello(&self.ctx, &cert_node, hello)?;
+
+        // Save the inventory durably before welcoming the agent.
+        let store = self.ctx.store.clone();
+        let id = cert_node.clone();
+        let (record, last_seq) = blocking("saving node inventory", move || {
+            let now = now_unix_ms();
+            let first_seen = store.node(&id)?.map_or(now, |r| r.first_seen_unix_ms);
+            let record = NodeRecord {
+                id: id.clone(),
+                inventory,
+                first_seen_unix_ms: first_seen,
+                last_seen_unix_ms: now,
+            };
+            store.commit_node(&record)?;
+            let last_seq = store.latest_batch(&id)?.map_or(0, |b| b.seq);
+            Ok((record, last_seq))
+        })
+        .await?;
+
+        let session = self
+            .ctx
+            .registry
+            .open(&cert_node, peer, interval, &self.ctx.shutdown);
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let welcome = pb::ControllerMessage {
+            body: Some(Down::Welcome(pb::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                controller_version: env!("CARGO_PKG_VERSION").to_owned(),
+                last_stored_seq: last_seq,
+                max_batch_gpus: Limits::DEFAULT.max_gpus as u32,
+                max_batch_samples: Limits::DEFAULT.max_samples as u32,
+            })),
+        };
+        out_tx
+            .send(Ok(welcome))
+            .await
+            .map_err(|_| Status::unavailable("stream closed before welcome"))?;
+        tracing::info!(
+            gpus = record.inventory.gpus.len(),
+            hostname = %record.inventory.hostname,
+            heartbeat_ms = interval.as_millis() as u64,
+            last_stored_seq = last_seq,
+            "agent connected"
+        );
+
+        let stream = StreamSession {
+            ctx: self.ctx.clone(),
+            node: cert_node,
+            session,
+            out: out_tx,
+            last_seq: 0,
+        };
+        self.ctx
+            .tracker
+            .spawn(stream.run(inbound).instrument(tracing::Span::current()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+async fn read_hello(
+    inbound: &mut Streaming<pb::AgentMessage>,
+    timeout: Duration,
+) -> Result<pb::Hello, Status> {
+    let first = tokio::time::timeout(timeout, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("no hello within {}s", timeout.as_secs())))?
+        .map_err(|s| {
+            tracing::warn!(error = %s, "agent stream failed before hello");
+            s
+        })?;
+    match first.and_then(|m| m.body) {
+        Some(Up::Hello(hello)) => Ok(hello),
+        Some(_) => Err(Status::failed_precondition(
+            "the first message on the stream must be a hello",
+        )),
+        None => Err(Status::cancelled("stream ended before hello")),
+    }
+}
+
+/// Validates the hello against the certificate and the policy.
+fn check_hello(
+    ctx: &Context,
+    cert_node: &NodeId,
+    hello: pb::Hello,
+) -> Result<(Inventory, Duration), Status> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        tracing::warn!(
+            version = hello.protocol_version,
+            "refused agent: unsupported protocol version"
+        );
+        return Err(Status::failed_precondition(format!(
+            "protocol version {} is not supported; this controller speaks {PROTOCOL_VERSION}",
+            hello.protocol_version
+        )));
+    }
+    if hello.node_id != cert_node.as_str() {
+        tracing::warn!(claimed = %hello.node_id, "refused agent: it claims another node's id than its certificate names");
+        return Err(Status::permission_denied(format!(
+            "hello claims node {:?} but the client certificate names node {cert_node:?}; a node's id is its certificate identity",
+            hello.node_id
+        )));
+    }
+    let inventory = hello
+        .inventory
+        .ok_or_else(|| Status::invalid_argument("hello carries no inventory"))
+        .and_then(|inv| Inventory::try_from(inv).map_err(|e| invalid(cert_node, &e)))?;
+    let policy = &ctx.config.agents;
+    let interval = Duration::from_millis(u64::from(hello.heartbeat_interval_ms));
+    if interval < policy.min_heartbeat_interval || interval > policy.max_heartbeat_interval {
+        return Err(Status::invalid_argument(format!(
+            "heartbeat_interval_ms {} is outside {}..={} ms",
+            hello.heartbeat_interval_ms,
+            policy.min_heartbeat_interval.as_millis(),
+            policy.max_heartbeat_interval.as_millis()
+        )));
+    }
+    Ok((inventory, interval))
+}
+
+fn invalid(node: &NodeId, error: &flotilla_proto::WireError) -> Status {
+    tracing::warn!(node_id = %node, %error, "refused malformed message from agent");
+    Status::invalid_argument(format!("malformed message: {error}"))
+}
+
+/// One live stream after the hello.
+struct StreamSession {
+    ctx: Context,
+    node: NodeId,
+    session: Session,
+    out: Outbound,
+    /// The highest seq seen on this stream: seqs must increase within a stream.
+    last_seq: u64,
+}
+
+impl StreamSession {
+    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
+        let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<u64>>(1024);
+        let cancel = self.session.cancel.clone();
+        let end: Result<(), Status> = loop {
+            tokio::select! {
+                () = cancel.cancelled() => break Err(self.cancel_reason()),
+                Some(seqs) = ack_rx.recv() => {
+                    let ack = pb::ControllerMessage { body: Some(Down::Ack(pb::Ack { seqs })) };
+                    if self.out.send(Ok(ack)).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(msg)) => {
+                        if let Err(status) = self.handle(msg, &ack_tx).await {
+                            break Err(status);
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(status) => {
+                        tracing::info!(error = %status, "agent stream broke");
+                        break Ok(());
+                    }
+                },
+            }
+        };
+        if let Err(status) = end {
+            tracing::warn!(error = %status, "closing agent stream");
+            let _ = self.out.try_send(Err(status));
+        }
+        self.finish().await;
+    }
+
+    fn cancel_reason(&self) -> Status {
+        if self.ctx.shutdown.is_cancelled() {
+            Status::unavailable("controller shutting down")
+        } else if self
+            .ctx
+            .registry
+            .session(&self.node)
+            .is_some_and(|s| s.id != self.session.id)
+        {
+            Status::aborted("replaced by a newer stream from the same node")
+        } else {
+            Status::deadline_exceeded("no heartbeat within the allowed window")
+        }
+    }
+
+    /// The handler chain: liveness first, then the message's own handler.
+    async fn handle(
+        &mut self,
+        msg: pb::AgentMessage,
+        acks: &mpsc::Sender<Vec<u64>>,
+    ) -> Result<(), Status> {
+        self.ctx.registry.touch(&self.node, self.session.id);
+        match msg.body {
+            Some(Up::Heartbeat(_)) => Ok(()),
+            Some(Up::Telemetry(batch)) => self.on_telemetry(batch, acks).await,
+            Some(Up::Hello(_)) => Err(Status::failed_precondition(
+                "hello may be sent only once per stream",
+            )),
+            None => Err(Status::invalid_argument("empty agent message")),
+        }
+    }
+
+    async fn on_telemetry(
+        &mut self,
+        wire: pb::TelemetryBatch,
+        acks: &mpsc::Sender<Vec<u64>>,
+    ) -> Result<(), Status> {
+        let batch = TelemetryBatch::try_from(wire).map_err(|e| invalid(&self.node, &e))?;
+        if batch.seq <= self.last_seq {
+            tracing::warn!(
+                seq = batch.seq,
+                last = self.last_seq,
+                "refused out-of-order batch"
+            );
+            return Err(Status::invalid_argument(format!(
+                "batch seq {} after {} on the same stream: seqs must increase",
+                batch.seq, self.last_seq
+            )));
+        }
+        self.last_seq = batch.seq;
+        let job = Job {
+            node: self.node.clone(),
+            batch,
+            acks: acks.clone(),
+        };
+        self.ctx
+            .committer
+            .submit(job)
+            .await
+            .map_err(|_| Status::unavailable("controller shutting down"))
+    }
+
+    async fn finish(self) {
+        let Some(closed) = self.ctx.registry.close(&self.node, self.session.id) else {
+            return; // replaced by a newer stream, which owns the record now
+        };
+        let last_seen = crate::registry::unix_ms_at(closed.last_heard);
+        let store = self.ctx.store.clone();
+        let node = self.node.clone();
+        let saved = blocking("saving last seen", move || {
+            if let Some(mut record) = store.node(&node)? {
+                record.last_seen_unix_ms = last_seen;
+                store.commit_node(&record)?;
+            }
+            Ok(())
+        })
+        .await;
+        if saved.is_ok() {
+            tracing::info!("agent disconnected");
+        }
+    }
+}

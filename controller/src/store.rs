@@ -1,0 +1,91 @@
+//! Durable fleet state behind the narrow [`Store`] trait. The embedded default is
+//! sled ([`SledStore`]); a replicated backend can implement the same trait.
+//!
+//! Architecture Invariant: anything acknowledged to an agent or operator has been
+//! flushed to disk by a `commit_*` method first.
+
+mod codec;
+mod keys;
+mod sled_store;
+
+use flotilla_common::NodeId;
+use flotilla_common::model::{Inventory, TelemetryBatch};
+use serde::{Deserialize, Serialize};
+
+pub use sled_store::SledStore;
+
+/// The schema this build writes. Bump it with a migration in `sled_store`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What the controller keeps about a node across restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub inventory: Inventory,
+    pub first_seen_unix_ms: i64,
+    pub last_seen_unix_ms: i64,
+}
+
+/// Store failures; each names what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store at {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("store: {op}: {source}")]
+    Sled {
+        op: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    #[error(
+        "store at {path} has schema version {found}; this controller understands up to {supported}: upgrade the controller"
+    )]
+    SchemaTooNew {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error("store: corrupt value under {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// The outcome of committing one telemetry batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Newly stored.
+    New,
+    /// Already stored before (a resend); nothing written.
+    Duplicate,
+}
+
+/// The controller's durable state. Methods are synchronous: sled calls are short,
+/// and the `commit_*` methods, which flush, run on the blocking pool.
+pub trait Store: Send + Sync + 'static {
+    /// Saves a node record and flushes it.
+    fn commit_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    /// One node's record.
+    fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError>;
+    /// Every node record, ordered by id.
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Stores the batches not already stored (by node and seq) and flushes once
+    /// for all of them (group commit). The result is in input order.
+    fn commit_batches(
+        &self,
+        batches: &[(NodeId, TelemetryBatch)],
+    ) -> Result<Vec<Committed>, StoreError>;
+    /// The batch of `node` with the highest seq.
+    fn latest_batch(&self, node: &NodeId) -> Result<Option<TelemetryBatch>, StoreError>;
+    /// Batches of `node` with seq ≥ `from_seq`, in seq order, at most `limit`.
+    fn batches(
+        &self,
+        node: &NodeId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<TelemetryBatch>, StoreError>;
+    /// Deletes batches made before `cutoff_unix_ms`; returns how many.
+    fn prune_batches(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError>;
+}
