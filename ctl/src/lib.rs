@@ -1,1 +1,58 @@
+//! `flotctl`, the operator CLI. Every command that reads or changes the fleet goes
+//! through the public `flotilla.v1.Fleet` API ([`client`]); `ca`/`cert` work on
+//! local files; `demo` (and only it) links the daemons to run them in-process.
+// flotctl's job is to print results for people and scripts.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod cli;
+pub mod client;
+pub mod cmd;
+pub mod context;
+pub mod demo;
+pub mod output;
+
+use std::process::ExitCode;
+
+/// A mistake in how flotctl was called or configured: exit status 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Runs flotctl with parsed arguments; returns the process exit status.
+pub fn main_with(args: cli::Cli, env: context::Env) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flotctl: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(cmd::dispatch(args, env)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flotctl: {}", render(&error));
+            if error.downcast_ref::<UsageError>().is_some()
+                || error
+                    .downcast_ref::<flotilla_common::config::ConfigError>()
+                    .is_some()
+            {
+                ExitCode::from(64)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// One line: the error and its causes.
+fn render(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let s = cause.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+    }
+    text
+}

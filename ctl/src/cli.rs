@@ -1,0 +1,169 @@
+//! The command-line grammar of flotctl.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// flotctl — operate a Flotilla fleet of GPU nodes serving LLMs.
+#[derive(Debug, Parser)]
+#[command(name = "flotctl", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// flotctl config file with named contexts [default: $XDG_CONFIG_HOME/flotilla/config.toml].
+    #[arg(long, global = true, env = "FLOTCTL_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach the controller; each flag overrides the current context.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConnArgs {
+    /// Controller address, https://HOST:PORT.
+    #[arg(long, global = true, env = "FLOTILLA_CONTROLLER")]
+    pub controller: Option<String>,
+    /// Fleet CA certificate (PEM).
+    #[arg(long, global = true)]
+    pub cacert: Option<PathBuf>,
+    /// Operator certificate (PEM).
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    /// Operator private key (PEM).
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+    /// Use this named context instead of the current one.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+}
+
+/// Output format of read commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Format {
+    /// A table for people.
+    #[default]
+    Table,
+    /// JSON for scripts.
+    Json,
+    /// YAML for people who prefer it.
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fleet nodes: list and inspect.
+    #[command(subcommand)]
+    Nodes(NodesCmd),
+    /// The fleet CA.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Certificates for agents and operators.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Named connection settings.
+    #[command(subcommand)]
+    Context(ContextCmd),
+    /// Run a local fleet (controller + agents with simulated GPUs) in this process.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCmd {
+    /// List every node with its state and GPU summary.
+    Ls {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Show one node: inventory and per-GPU latest values.
+    Show {
+        /// Node id.
+        node: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCmd {
+    /// Create a fleet CA, the controller certificate and an admin operator certificate.
+    Init {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names and IPs of the controller certificate (repeat or comma-separate).
+        #[arg(long = "san", value_delimiter = ',', default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+        sans: Vec<String>,
+        /// Name of the first operator (role admin).
+        #[arg(long, default_value = "admin")]
+        admin: String,
+        /// Overwrite an existing CA in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Issue a certificate from the CA in DIR: an agent's (--node) or an operator's (--user).
+    Issue {
+        /// Node id for an agent certificate.
+        #[arg(long, conflicts_with_all = ["user", "role"], required_unless_present = "user")]
+        node: Option<String>,
+        /// Operator name for an operator certificate.
+        #[arg(long)]
+        user: Option<String>,
+        /// Operator role: viewer, operator or admin.
+        #[arg(long, requires = "user", default_value = "viewer")]
+        role: String,
+        /// The PKI directory of `flotctl ca init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity, e.g. 72h or 365d.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        validity: std::time::Duration,
+        /// Overwrite an existing certificate.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContextCmd {
+    /// List contexts; the current one is marked.
+    Ls {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Make NAME the current context.
+    Use { name: String },
+    /// Create or replace a context from the connection flags.
+    Set {
+        name: String,
+        /// Also make it current.
+        #[arg(long)]
+        activate: bool,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Number of agents.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub agents: u32,
+    /// Simulated GPUs per agent.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub gpus_per_agent: u32,
+    /// Keep the demo's CA, store and agent state here (default: a temporary directory, removed at exit).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Controller listen address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Fleet-wide Prometheus /metrics address (served once the telemetry exporter lands).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Telemetry interval of the demo agents.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: std::time::Duration,
+}

@@ -1,0 +1,23 @@
+//! Command handlers, one file per command group.
+
+mod context;
+mod nodes;
+mod pki;
+
+use crate::cli::{Cli, Command};
+use crate::context::{CtlConfig, Env};
+
+/// Runs the parsed command.
+pub async fn dispatch(cli: Cli, env: Env) -> anyhow::Result<()> {
+    let config_path = cli.config.clone().unwrap_or(env.config_path);
+    match cli.command {
+        Command::Nodes(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            nodes::run(cmd, &conn).await
+        }
+        Command::Ca(cmd) => pki::ca(cmd),
+        Command::Cert(cmd) => pki::cert(cmd),
+        Command::Context(cmd) => context::run(cmd, &cli.conn, &config_path),
+        Command::Demo(args) => crate::demo::run(args, &config_path).await,
+    }
+}

@@ -1,0 +1,244 @@
+//! Output for people (tables) and scripts (JSON, YAML), and the views that
+//! flotctl prints: stable field names, units in the names.
+
+use std::collections::BTreeMap;
+
+use comfy_table::{Table, presets::NOTHING};
+use flotilla_proto::pb;
+use serde::Serialize;
+
+use crate::cli::Format;
+
+/// Prints `value` as JSON or YAML, or calls `table` for the table format.
+pub fn print<T: Serialize>(
+    format: Format,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
+        Format::Table => println!("{}", table(value)),
+    }
+    Ok(())
+}
+
+/// A plain, borderless table with the given header.
+pub fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(header.iter().map(|h| h.to_owned()));
+    t
+}
+
+/// One node as flotctl shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub id: String,
+    /// up, degraded, cordoned, draining or down.
+    pub state: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub state_reason: String,
+    pub hostname: String,
+    pub gpu_source: String,
+    pub gpus: Vec<GpuView>,
+    pub mean_gpu_utilization_ratio: Option<f64>,
+    pub max_gpu_temperature_celsius: Option<f64>,
+    pub gpu_memory_used_bytes: u64,
+    pub gpu_memory_total_bytes: u64,
+    pub first_seen_unix_ms: i64,
+    pub last_seen_unix_ms: i64,
+    pub labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostView>,
+}
+
+/// One GPU: inventory and its latest sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuView {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: Option<u64>,
+    pub utilization_ratio: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+    pub power_limit_watts: Option<f64>,
+    pub sm_clock_mhz: Option<u32>,
+}
+
+/// Host facts and latest host sample (in `nodes show`).
+#[derive(Debug, Clone, Serialize)]
+pub struct HostView {
+    pub os: String,
+    pub kernel: String,
+    pub cpu_model: String,
+    pub cpu_cores: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: Option<u64>,
+    pub cpu_utilization_ratio: Option<f64>,
+    pub load1: Option<f64>,
+    pub driver_version: String,
+    pub cuda_version: String,
+    pub gpu_source_note: String,
+    pub agent_version: String,
+    pub peer_addr: String,
+    pub filesystems: Vec<FilesystemView>,
+}
+
+/// One filesystem in `nodes show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FilesystemView {
+    pub mount_point: String,
+    pub size_bytes: u64,
+    pub avail_bytes: u64,
+}
+
+impl NodeView {
+    /// Builds the view; `detail` adds host facts.
+    pub fn from_wire(node: pb::Node, detail: bool) -> Self {
+        let inv = node.inventory.unwrap_or_default();
+        let latest = node.latest.unwrap_or_default();
+        let gpus: Vec<GpuView> = inv
+            .gpus
+            .iter()
+            .map(|g| {
+                let s = latest.gpus.iter().find(|s| s.index == g.index);
+                GpuView {
+                    index: g.index,
+                    uuid: g.uuid.clone(),
+                    model: g.model.clone(),
+                    memory_total_bytes: s
+                        .and_then(|s| s.memory_total_bytes)
+                        .unwrap_or(g.memory_total_bytes),
+                    memory_used_bytes: s.and_then(|s| s.memory_used_bytes),
+                    utilization_ratio: s.and_then(|s| s.utilization_ratio),
+                    temperature_celsius: s.and_then(|s| s.temperature_celsius),
+                    power_watts: s.and_then(|s| s.power_watts),
+                    power_limit_watts: s.and_then(|s| s.power_limit_watts),
+                    sm_clock_mhz: s.and_then(|s| s.sm_clock_mhz),
+                }
+            })
+            .collect();
+        let utils: Vec<f64> = gpus.iter().filter_map(|g| g.utilization_ratio).collect();
+        let mean = (!utils.is_empty()).then(|| utils.iter().sum::<f64>() / utils.len() as f64);
+        let max_temp = gpus
+            .iter()
+            .filter_map(|g| g.temperature_celsius)
+            .reduce(f64::max);
+        let host = detail.then(|| {
+            let h = latest.host.clone();
+            HostView {
+                os: inv.os.clone(),
+                kernel: inv.kernel.clone(),
+                cpu_model: inv.cpu_model.clone(),
+                cpu_cores: inv.cpu_cores,
+                memory_total_bytes: inv.memory_total_bytes,
+                memory_available_bytes: h.as_ref().map(|h| h.memory_available_bytes),
+                cpu_utilization_ratio: h.as_ref().map(|h| h.cpu_utilization_ratio),
+                load1: h.as_ref().map(|h| h.load1),
+                driver_version: inv.driver_version.clone(),
+                cuda_version: inv.cuda_version.clone(),
+                gpu_source_note: inv.gpu_source_note.clone(),
+                agent_version: inv.agent_version.clone(),
+                peer_addr: node.peer_addr.clone(),
+                filesystems: h
+                    .map(|h| {
+                        h.filesystems
+                            .into_iter()
+                            .map(|f| FilesystemView {
+                                mount_point: f.mount_point,
+                                size_bytes: f.size_bytes,
+                                avail_bytes: f.avail_bytes,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        });
+        let state = pb::NodeState::try_from(node.state).unwrap_or(pb::NodeState::Unspecified);
+        NodeView {
+            id: node.id,
+            state: state_name(state).to_owned(),
+            state_reason: node.state_reason,
+            hostname: inv.hostname,
+            gpu_source: inv.gpu_source,
+            gpu_memory_used_bytes: gpus.iter().filter_map(|g| g.memory_used_bytes).sum(),
+            gpu_memory_total_bytes: gpus.iter().map(|g| g.memory_total_bytes).sum(),
+            gpus,
+            mean_gpu_utilization_ratio: mean,
+            max_gpu_temperature_celsius: max_temp,
+            first_seen_unix_ms: node.first_seen_unix_ms,
+            last_seen_unix_ms: node.last_seen_unix_ms,
+            labels: inv.labels.into_iter().collect(),
+            host,
+        }
+    }
+}
+
+fn state_name(s: pb::NodeState) -> &'static str {
+    match s {
+        pb::NodeState::Up => "up",
+        pb::NodeState::Degraded => "degraded",
+        pb::NodeState::Cordoned => "cordoned",
+        pb::NodeState::Draining => "draining",
+        pb::NodeState::Down => "down",
+        pb::NodeState::Unspecified => "unknown",
+    }
+}
+
+/// `12.3 GiB` style.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// `42%` or `-`.
+pub fn percent(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0))
+}
+
+/// `71°C` or `-`.
+pub fn celsius(t: Option<f64>) -> String {
+    t.map_or_else(|| "-".to_owned(), |t| format!("{t:.0}°C"))
+}
+
+/// How long ago `unix_ms` was, relative to `now_ms`: `3s ago`, `5m ago`, `never`.
+pub fn ago(unix_ms: i64, now_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "never".to_owned();
+    }
+    let s = (now_ms - unix_ms).max(0) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86_399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(80 * 1024 * 1024 * 1024), "80.0 GiB");
+        assert_eq!(percent(Some(0.423)), "42%");
+        assert_eq!(percent(None), "-");
+        assert_eq!(ago(1_000, 61_000), "1m ago");
+        assert_eq!(ago(0, 5), "never");
+    }
+}
