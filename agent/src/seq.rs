@@ -64,7 +64,7 @@ impl SeqAllocator {
     }
 
     /// The next seq.
-    pub fn next(&mut self) -> Result<u64, SeqError> {
+    pub fn allocate(&mut self) -> Result<u64, SeqError> {
         if self.next > self.reserved_until {
             self.reserve()?;
         }
@@ -108,13 +108,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = SeqAllocator::open(dir.path()).unwrap();
         assert!(a.fresh());
-        let first: Vec<u64> = (0..2000).map(|_| a.next().unwrap()).collect();
+        let first: Vec<u64> = (0..2000).map(|_| a.allocate().unwrap()).collect();
         assert_eq!(first[0], 1);
         assert!(first.windows(2).all(|w| w[0] < w[1]));
         drop(a);
         let mut b = SeqAllocator::open(dir.path()).unwrap();
         assert!(!b.fresh());
-        assert!(b.next().unwrap() > *first.last().unwrap());
+        assert!(b.allocate().unwrap() > *first.last().unwrap());
     }
 
     #[test]
@@ -122,8 +122,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = SeqAllocator::open(dir.path()).unwrap();
         a.skip_past(5000).unwrap();
-        assert_eq!(a.next().unwrap(), 5001);
+        assert_eq!(a.allocate().unwrap(), 5001);
         a.skip_past(10).unwrap();
-        assert_eq!(a.next().unwrap(), 5002);
+        assert_eq!(a.allocate().unwrap(), 5002);
     }
 }

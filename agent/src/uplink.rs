@@ -149,7 +149,7 @@ impl Uplink {
 
     /// Numbers a new batch and queues it; drops the oldest past the bound.
     fn enqueue(&mut self, mut batch: TelemetryBatch) -> Option<usize> {
-        batch.seq = match self.seq.next() {
+        batch.seq = match self.seq.allocate() {
             Ok(seq) => seq,
             Err(error) => {
                 tracing::error!(%error, "cannot persist the sequence counter; batch dropped");
@@ -232,7 +232,7 @@ impl Uplink {
         let mut renumbered = 0;
         for p in self.pending.iter_mut() {
             if p.batch.seq <= welcome.last_stored_seq
-                && let Ok(seq) = self.seq.next()
+                && let Ok(seq) = self.seq.allocate()
             {
                 p.batch.seq = seq;
                 renumbered += 1;

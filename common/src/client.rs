@@ -33,10 +33,10 @@ pub fn endpoint(url: &str, tls: &TlsFiles) -> Result<Endpoint, ClientError> {
             "use https://HOST:PORT: every Flotilla port is mTLS".to_owned()
         ));
     }
-    let (ca, cert, key) = tls.pem_bytes()?;
+    let pem = tls.pem_bytes()?;
     let config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(Identity::from_pem(cert, key));
+        .ca_certificate(Certificate::from_pem(pem.ca))
+        .identity(Identity::from_pem(pem.cert, pem.key));
     let endpoint = Endpoint::from_shared(normalized)
         .map_err(|e| bad(e.to_string()))?
         .tls_config(config)

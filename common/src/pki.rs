@@ -6,9 +6,9 @@
 //! ```text
 //! ca.pem  ca.key                     the fleet CA (keep ca.key offline in production)
 //! controller.pem  controller.key     the controller's server certificate
-//! admin.pem  admin.key               the first operator certificate (role admin)
 //! nodes/<id>.pem  nodes/<id>.key     agent certificates (`flotctl cert issue --node`)
-//! operators/<name>.pem  .key         operator certificates (`flotctl cert issue --user`)
+//! operators/<name>.pem  .key         operator certificates: `admin` (role admin) from
+//!                                    `ca init`, others from `flotctl cert issue --user`
 //! ```
 
 use std::fs;

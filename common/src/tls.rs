@@ -22,6 +22,14 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The PEM text of a [`TlsFiles`] set.
+#[derive(Debug, Clone)]
+pub struct PemBundle {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
 /// Errors of loading TLS material; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -117,13 +125,17 @@ impl TlsFiles {
         })
     }
 
-    /// Raw PEM bytes of (ca, cert, key), for clients that take PEM (tonic).
-    pub fn pem_bytes(&self) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>), TlsError> {
+    /// Raw PEM bytes, for clients that take PEM (tonic).
+    pub fn pem_bytes(&self) -> Result<PemBundle, TlsError> {
         // Parse once so that a bad file fails here with its name, not deep in a handshake.
         self.roots()?;
         self.chain()?;
         self.private_key()?;
-        Ok((read(&self.ca)?, read(&self.cert)?, read(&self.key)?))
+        Ok(PemBundle {
+            ca: read(&self.ca)?,
+            cert: read(&self.cert)?,
+            key: read(&self.key)?,
+        })
     }
 
     /// A rustls server configuration that requires a client certificate from the fleet CA.
@@ -168,6 +180,8 @@ pub fn explain_handshake_error(error: &std::io::Error) -> String {
     } else if text.contains("peer sent no certificates") || text.contains("NoCertificatesPresented")
     {
         "the peer presented no client certificate; every Flotilla port requires mTLS"
+    } else if text.contains("fatal alert") {
+        "the peer refused our certificate (it trusts another CA: check its --ca/--cacert)"
     } else if text.contains("InvalidContentType")
         || text.contains("corrupt message")
         || text.contains("InvalidMessage")

@@ -28,7 +28,26 @@ pub fn status_error(what: &str, status: &tonic::Status) -> anyhow::Error {
         Code::Unavailable => " (is the controller running and reachable?)",
         _ => "",
     };
-    anyhow::anyhow!("{what}: {}{hint}", status.message())
+    let mut detail = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = cause.source();
+    }
+    let hint = if matches!(
+        status.code(),
+        Code::Unknown | Code::Cancelled | Code::Unavailable
+    ) && detail.contains("transport error")
+    {
+        " (the controller closed the connection; if it persists, check that --cert and --key were issued by this fleet's CA: the controller logs the reason)"
+    } else {
+        hint
+    };
+    anyhow::anyhow!("{what}: {detail}{hint}")
 }
 
 /// Unwraps a response, naming the call on failure.

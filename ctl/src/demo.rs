@@ -33,11 +33,12 @@ pub async fn run(args: DemoArgs, ctl_config: &Path) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     prepare_pki(&pki_dir, &nodes)?;
 
-    let mut controller_config = flotilla_controller::Config::default();
-    controller_config.listen = args.listen;
-    controller_config.data_dir = dir.join("controller");
-    controller_config.tls =
-        TlsFiles::from_pki_dir(&pki_dir, &pki::leaf_paths(&pki_dir, &Identity::Controller));
+    let controller_config = flotilla_controller::Config {
+        listen: args.listen,
+        data_dir: dir.join("controller"),
+        tls: TlsFiles::from_pki_dir(&pki_dir, &pki::leaf_paths(&pki_dir, &Identity::Controller)),
+        ..Default::default()
+    };
     let controller = flotilla_controller::Controller::bind(controller_config)
         .await
         .with_context(|| format!("start the demo controller on {} (is another demo running? pass --listen 127.0.0.1:0)", args.listen))?;
@@ -135,15 +136,17 @@ fn agent_config(
     node: &NodeId,
     url: &str,
 ) -> flotilla_agent::Config {
-    let mut c = flotilla_agent::Config::default();
-    c.controller = url.to_owned();
-    c.node_id = Some(node.clone());
-    c.tls = TlsFiles::from_pki_dir(
-        pki_dir,
-        &pki::leaf_paths(pki_dir, &Identity::Node(node.clone())),
-    );
-    c.data_dir = dir.join("agents").join(node.as_str());
-    c.interval = args.interval;
+    let mut c = flotilla_agent::Config {
+        controller: url.to_owned(),
+        node_id: Some(node.clone()),
+        tls: TlsFiles::from_pki_dir(
+            pki_dir,
+            &pki::leaf_paths(pki_dir, &Identity::Node(node.clone())),
+        ),
+        data_dir: dir.join("agents").join(node.as_str()),
+        interval: args.interval,
+        ..Default::default()
+    };
     c.gpu.source = flotilla_agent::config::GpuSourceChoice::Simulated;
     c.gpu.simulated_count = args.gpus_per_agent;
     c.labels.insert("fleet".into(), "demo".into());

@@ -1,1 +1,428 @@
+//! Test equipment for Flotilla's end-to-end tests: a PKI in a temp dir, the real
+//! controller and agent binaries as child processes, `flotctl` invocations and
+//! an `eventually` poller. Nothing here is shipped.
+//!
+//! The binaries are found next to the test executable (`target/<profile>/`); the
+//! test command builds them first (`cargo build --workspace --bins`).
+// A synchronous harness: waiting is a plain sleep, there is no async runtime here.
+#![allow(clippy::disallowed_methods)]
+// Test equipment: a failed setup step should stop the test loudly, with its reason.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_common::pki::{self, CaInit, CertPaths};
+use flotilla_common::{Identity, NodeId, Role};
+
+/// How long `eventually` waits by default: a hang guard, not a speed claim.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The path of a workspace binary built beside the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe
+        .parent()
+        .expect("test executable has a directory")
+        .to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which ./x test does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `PATIENCE` with `what`
+/// and the last thing `probe` reported through `last`.
+pub fn eventually<T>(what: &str, mut probe: impl FnMut(&mut String) -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    let mut last = String::new();
+    loop {
+        if let Some(v) = probe(&mut last) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last observation: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A fleet CA with certificates, in a temp dir.
+#[derive(Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// Creates a CA under `dir`.
+    pub fn new(dir: &Path) -> Self {
+        pki::init_ca(dir, &CaInit::default()).expect("init CA");
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        pki::ca_cert_path(&self.dir)
+    }
+
+    /// The certificate of `node`, issued on first use.
+    pub fn node(&self, node: &str) -> CertPaths {
+        let id = Identity::Node(NodeId::new(node).expect("valid node id"));
+        let paths = pki::leaf_paths(&self.dir, &id);
+        if !paths.cert.exists() {
+            pki::issue(&self.dir, &id, pki::LEAF_VALIDITY, false).expect("issue node certificate");
+        }
+        paths
+    }
+
+    /// The admin operator certificate `ca init` wrote.
+    pub fn admin(&self) -> CertPaths {
+        pki::leaf_paths(
+            &self.dir,
+            &Identity::Operator {
+                name: "admin".into(),
+                role: Role::Admin,
+            },
+        )
+    }
+
+    pub fn controller(&self) -> CertPaths {
+        pki::leaf_paths(&self.dir, &Identity::Controller)
+    }
+}
+
+/// A child process whose stderr goes to a log file; killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn_logged(cmd: Command, log: &Path) -> Self {
+        Self::spawn(cmd, log)
+    }
+
+    fn spawn(mut cmd: Command, log: &Path) -> Self {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open log");
+        let out = file.try_clone().expect("clone log handle");
+        cmd.stdout(Stdio::from(out))
+            .stderr(Stdio::from(file))
+            .stdin(Stdio::null());
+        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Self {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        eventually(&format!("{needle:?} in {}", self.log.display()), |last| {
+            let text = self.log_text();
+            if text.contains(needle) {
+                return Some(());
+            }
+            *last = text.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+            None
+        });
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for exit (SIGKILL after the patience runs out).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("reap");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.running() {
+            self.kill9();
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal(pid: u32, sig: i32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// A controller process plus what is needed to restart it on the same port.
+#[derive(Debug)]
+pub struct Controller {
+    pub proc: Proc,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Controller {
+    /// Starts a controller on a free loopback port with a store in `dir/controller`.
+    pub fn start(dir: &Path, pki: &Pki) -> Self {
+        let data_dir = dir.join("controller");
+        let c = pki.controller();
+        let args: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--ca".into(),
+            pki.ca().display().to_string(),
+            "--cert".into(),
+            c.cert.display().to_string(),
+            "--key".into(),
+            c.key.display().to_string(),
+        ];
+        let log = dir.join("controller.log");
+        let proc = Self::spawn_with(&args, "127.0.0.1:0", &log);
+        let addr = eventually("the controller to listen", |last| {
+            let text = proc.log_text();
+            *last = text.lines().last().unwrap_or_default().to_owned();
+            text.lines()
+                .find(|l| l.contains("controller listening"))
+                .and_then(|l| l.split("local_addr=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned)
+        });
+        Self {
+            proc,
+            addr,
+            data_dir,
+            args,
+            log,
+        }
+    }
+
+    fn spawn_with(args: &[String], listen: &str, log: &Path) -> Proc {
+        let mut cmd = Command::new(bin("flotilla-controller"));
+        cmd.args(args).args(["--listen", listen]);
+        Proc::spawn(cmd, log)
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Starts the controller again on the same port and store (after a kill).
+    pub fn restart(&mut self) {
+        assert!(!self.proc.running(), "restart needs the old process gone");
+        let before = self.proc.log_text().matches("controller listening").count();
+        self.proc = Self::spawn_with(&self.args, &self.addr, &self.log);
+        let proc = &self.proc;
+        eventually("the restarted controller to listen", |last| {
+            let text = proc.log_text();
+            *last = text.lines().last().unwrap_or_default().to_owned();
+            (text.matches("controller listening").count() > before).then_some(())
+        });
+    }
+}
+
+/// Options of one agent process.
+#[derive(Debug, Clone)]
+pub struct AgentOpts {
+    pub gpus: u32,
+    pub interval: &'static str,
+    pub claim: Option<String>,
+    pub cert: Option<CertPaths>,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        Self {
+            gpus: 4,
+            interval: "200ms",
+            claim: None,
+            cert: None,
+        }
+    }
+}
+
+/// An agent process.
+#[derive(Debug)]
+pub struct Agent {
+    pub proc: Proc,
+    pub node: String,
+    pub ack_log: PathBuf,
+    cmd_args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent for `node` with state in `dir/agents/NODE`.
+    pub fn start(dir: &Path, pki: &Pki, controller: &str, node: &str, opts: AgentOpts) -> Self {
+        let cert = opts.cert.clone().unwrap_or_else(|| pki.node(node));
+        let state = dir.join("agents").join(node);
+        fs::create_dir_all(&state).expect("agent dir");
+        let ack_log = state.join("acks.log");
+        let mut args: Vec<String> = vec![
+            "--controller".into(),
+            controller.into(),
+            "--ca".into(),
+            pki.ca().display().to_string(),
+            "--cert".into(),
+            cert.cert.display().to_string(),
+            "--key".into(),
+            cert.key.display().to_string(),
+            "--data-dir".into(),
+            state.display().to_string(),
+            "--interval".into(),
+            opts.interval.into(),
+            "--gpu-source".into(),
+            "simulated".into(),
+            "--simulated-gpus".into(),
+            opts.gpus.to_string(),
+            "--ack-log".into(),
+            ack_log.display().to_string(),
+        ];
+        if let Some(claim) = &opts.claim {
+            args.extend(["--node-id".into(), claim.clone()]);
+        }
+        let log = dir.join(format!("agent-{node}.log"));
+        let proc = Self::spawn_with(&args, &log);
+        Self {
+            proc,
+            node: node.to_owned(),
+            ack_log,
+            cmd_args: args,
+            log,
+        }
+    }
+
+    fn spawn_with(args: &[String], log: &Path) -> Proc {
+        let mut cmd = Command::new(bin("flotilla-agent"));
+        cmd.args(args);
+        Proc::spawn(cmd, log)
+    }
+
+    /// Starts the same agent again (same identity, same state dir).
+    pub fn restart(&mut self) {
+        assert!(!self.proc.running(), "restart needs the old process gone");
+        self.proc = Self::spawn_with(&self.cmd_args, &self.log);
+    }
+
+    /// Every seq the controller acknowledged to this agent so far.
+    pub fn acked(&self) -> Vec<u64> {
+        fs::read_to_string(&self.ack_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+/// Runs flotctl with the connection flags of `pki`'s admin and `controller`.
+pub fn flotctl(pki: &Pki, controller: &str, args: &[&str]) -> Output {
+    let admin = pki.admin();
+    flotctl_as(&pki.ca(), &admin, controller, args)
+}
+
+/// Runs flotctl with an explicit client certificate.
+pub fn flotctl_as(ca: &Path, cert: &CertPaths, controller: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("flotctl"));
+    cmd.args(["--controller", controller])
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--cert")
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key)
+        // Never read or write the developer's own flotctl config.
+        .arg("--config")
+        .arg(std::env::temp_dir().join(format!("flotctl-test-{}.toml", std::process::id())))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    cmd.output().expect("run flotctl")
+}
+
+/// `flotctl nodes ls -o json`, parsed; `Err` carries stderr.
+pub fn nodes(pki: &Pki, controller: &str) -> Result<Vec<serde_json::Value>, String> {
+    let out = flotctl(pki, controller, &["nodes", "ls", "-o", "json"]);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON: {e}"))
+}
+
+/// The state of `node` in `nodes`, if listed.
+pub fn state_of(nodes: &[serde_json::Value], node: &str) -> Option<String> {
+    nodes
+        .iter()
+        .find(|n| n["id"] == node)
+        .and_then(|n| n["state"].as_str())
+        .map(str::to_owned)
+}
+
+/// Waits until `node` is listed in `state`.
+pub fn wait_state(pki: &Pki, controller: &str, node: &str, state: &str) -> Vec<serde_json::Value> {
+    eventually(&format!("{node} to be {state}"), |last| {
+        match nodes(pki, controller) {
+            Ok(list) if state_of(&list, node).as_deref() == Some(state) => return Some(list),
+            Ok(list) => *last = format!("{node} is {:?}", state_of(&list, node)),
+            Err(e) => *last = e,
+        }
+        None
+    })
+}
+
+/// Writes `bytes` to a fresh TCP connection to `addr` and reads until the peer closes.
+pub fn send_garbage(addr: &str, bytes: &[u8]) {
+    if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(bytes);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+}

@@ -209,6 +209,13 @@ impl StreamSession {
                     }
                     Ok(None) => break Ok(()),
                     Err(status) => {
+                        // Decode failures (too large, malformed protobuf) are the
+                        // agent's fault: say so on the stream. Anything else is the
+                        // connection going away.
+                        use tonic::Code;
+                        if matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::InvalidArgument) {
+                            break Err(status);
+                        }
                         tracing::info!(error = %status, "agent stream broke");
                         break Ok(());
                     }
