@@ -72,7 +72,70 @@ pub struct GpuSample {
     pub power_limit_watts: Option<f64>,
     pub sm_clock_mhz: Option<u32>,
     pub memory_clock_mhz: Option<u32>,
+    pub memory_reserved_bytes: Option<u64>,
+    pub memory_temperature_celsius: Option<f64>,
+    /// Energy since the driver loaded.
+    pub energy_joules_total: Option<f64>,
+    /// NVML clock-event (throttle) reason bits; see [`clock_event_reason_names`].
+    pub clock_event_reasons: Option<u64>,
+    pub pcie_rx_bytes_per_second: Option<f64>,
+    pub pcie_tx_bytes_per_second: Option<f64>,
+    pub pcie_replay_total: Option<u64>,
+    pub ecc_corrected_volatile_total: Option<u64>,
+    pub ecc_uncorrected_volatile_total: Option<u64>,
+    pub ecc_corrected_aggregate_total: Option<u64>,
+    pub ecc_uncorrected_aggregate_total: Option<u64>,
+    pub remapped_rows_correctable: Option<u64>,
+    pub remapped_rows_uncorrectable: Option<u64>,
+    pub remapped_rows_pending: Option<bool>,
+    pub remapped_rows_failed: Option<bool>,
+    pub retired_pages_single_bit: Option<u64>,
+    pub retired_pages_double_bit: Option<u64>,
+    /// XID events seen since the agent started, counted per code, sorted by code.
+    pub xid_events: Vec<XidCount>,
+    pub processes: Vec<GpuProcess>,
 }
+
+/// How many XID events of one code a GPU has raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct XidCount {
+    pub code: u64,
+    pub count: u64,
+}
+
+/// A process using a GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GpuProcess {
+    pub pid: u32,
+    pub name: String,
+    pub used_memory_bytes: Option<u64>,
+}
+
+/// NVML clock-event (throttle) reason bits (`nvmlClocksEventReason*`) and their names.
+pub const CLOCK_EVENT_REASONS: [(u64, &str); 9] = [
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+];
+
+/// The names of the reasons set in `mask`.
+pub fn clock_event_reason_names(mask: u64) -> impl Iterator<Item = &'static str> {
+    CLOCK_EVENT_REASONS
+        .iter()
+        .filter(move |(bit, _)| mask & bit != 0)
+        .map(|(_, name)| *name)
+}
+
+/// XID codes that mean the GPU or its memory needs attention now (NVIDIA's XID
+/// catalogue: 48 double-bit ECC, 63/64 row remapping, 74 NVLink, 79 fallen off
+/// the bus, 92-95 ECC and containment, 119/120 GSP errors).
+pub const CRITICAL_XIDS: [u64; 10] = [48, 63, 64, 74, 79, 92, 94, 95, 119, 120];
 
 /// Host metrics of one sample.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

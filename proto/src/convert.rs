@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use flotilla_common::model::{
-    CollectorStatus, FilesystemSample, GpuInfo, GpuSample, GpuSourceKind, HostSample, Inventory,
-    NetworkSample, NodeState, Sample, TelemetryBatch,
+    CollectorStatus, FilesystemSample, GpuInfo, GpuProcess, GpuSample, GpuSourceKind, HostSample,
+    Inventory, NetworkSample, NodeState, Sample, TelemetryBatch, XidCount,
 };
 
 use crate::pb;
@@ -279,8 +279,32 @@ impl TryFrom<pb::TelemetryBatch> for TelemetryBatch {
 }
 
 fn gpu_from_wire(g: pb::GpuSample) -> Result<GpuSample, WireError> {
+    let l = Limits::DEFAULT;
     let f = |name: &str| format!("telemetry.gpus[{}].{name}", g.index);
-    check_str(&f("uuid"), &g.uuid, &Limits::DEFAULT)?;
+    check_str(&f("uuid"), &g.uuid, &l)?;
+    check_len(&f("xid_events"), g.xid_events.len(), l.max_list)?;
+    check_len(&f("processes"), g.processes.len(), l.max_list)?;
+    let mut xid_events: Vec<XidCount> = g
+        .xid_events
+        .iter()
+        .map(|x| XidCount {
+            code: x.code,
+            count: x.count,
+        })
+        .collect();
+    xid_events.sort_by_key(|x| x.code);
+    if xid_events.windows(2).any(|w| w[0].code == w[1].code) {
+        return Err(err(f("xid_events"), "an XID code appears twice"));
+    }
+    let mut processes = Vec::with_capacity(g.processes.len());
+    for p in &g.processes {
+        check_str(&f("processes.name"), &p.name, &l)?;
+        processes.push(GpuProcess {
+            pid: p.pid,
+            name: p.name.clone(),
+            used_memory_bytes: p.used_memory_bytes,
+        });
+    }
     if let (Some(used), Some(total)) = (g.memory_used_bytes, g.memory_total_bytes)
         && used > total
     {
@@ -304,6 +328,34 @@ fn gpu_from_wire(g: pb::GpuSample) -> Result<GpuSample, WireError> {
         memory_total_bytes: g.memory_total_bytes,
         sm_clock_mhz: g.sm_clock_mhz,
         memory_clock_mhz: g.memory_clock_mhz,
+        memory_reserved_bytes: g.memory_reserved_bytes,
+        memory_temperature_celsius: check_opt(
+            &f("memory_temperature_celsius"),
+            g.memory_temperature_celsius,
+        )?,
+        energy_joules_total: check_opt(&f("energy_joules_total"), g.energy_joules_total)?,
+        clock_event_reasons: g.clock_event_reasons,
+        pcie_rx_bytes_per_second: check_opt(
+            &f("pcie_rx_bytes_per_second"),
+            g.pcie_rx_bytes_per_second,
+        )?,
+        pcie_tx_bytes_per_second: check_opt(
+            &f("pcie_tx_bytes_per_second"),
+            g.pcie_tx_bytes_per_second,
+        )?,
+        pcie_replay_total: g.pcie_replay_total,
+        ecc_corrected_volatile_total: g.ecc_corrected_volatile_total,
+        ecc_uncorrected_volatile_total: g.ecc_uncorrected_volatile_total,
+        ecc_corrected_aggregate_total: g.ecc_corrected_aggregate_total,
+        ecc_uncorrected_aggregate_total: g.ecc_uncorrected_aggregate_total,
+        remapped_rows_correctable: g.remapped_rows_correctable,
+        remapped_rows_uncorrectable: g.remapped_rows_uncorrectable,
+        remapped_rows_pending: g.remapped_rows_pending,
+        remapped_rows_failed: g.remapped_rows_failed,
+        retired_pages_single_bit: g.retired_pages_single_bit,
+        retired_pages_double_bit: g.retired_pages_double_bit,
+        xid_events,
+        processes,
     })
 }
 
@@ -397,6 +449,40 @@ impl From<GpuSample> for pb::GpuSample {
             power_limit_watts: g.power_limit_watts,
             sm_clock_mhz: g.sm_clock_mhz,
             memory_clock_mhz: g.memory_clock_mhz,
+            memory_reserved_bytes: g.memory_reserved_bytes,
+            memory_temperature_celsius: g.memory_temperature_celsius,
+            energy_joules_total: g.energy_joules_total,
+            clock_event_reasons: g.clock_event_reasons,
+            pcie_rx_bytes_per_second: g.pcie_rx_bytes_per_second,
+            pcie_tx_bytes_per_second: g.pcie_tx_bytes_per_second,
+            pcie_replay_total: g.pcie_replay_total,
+            ecc_corrected_volatile_total: g.ecc_corrected_volatile_total,
+            ecc_uncorrected_volatile_total: g.ecc_uncorrected_volatile_total,
+            ecc_corrected_aggregate_total: g.ecc_corrected_aggregate_total,
+            ecc_uncorrected_aggregate_total: g.ecc_uncorrected_aggregate_total,
+            remapped_rows_correctable: g.remapped_rows_correctable,
+            remapped_rows_uncorrectable: g.remapped_rows_uncorrectable,
+            remapped_rows_pending: g.remapped_rows_pending,
+            remapped_rows_failed: g.remapped_rows_failed,
+            retired_pages_single_bit: g.retired_pages_single_bit,
+            retired_pages_double_bit: g.retired_pages_double_bit,
+            xid_events: g
+                .xid_events
+                .into_iter()
+                .map(|x| pb::XidCount {
+                    code: x.code,
+                    count: x.count,
+                })
+                .collect(),
+            processes: g
+                .processes
+                .into_iter()
+                .map(|p| pb::GpuProcess {
+                    pid: p.pid,
+                    name: p.name,
+                    used_memory_bytes: p.used_memory_bytes,
+                })
+                .collect(),
         }
     }
 }

@@ -141,6 +141,7 @@ impl GpuSource for SimulatedGpus {
                     power_limit_watts: Some(POWER_LIMIT_W),
                     sm_clock_mhz: Some(if util > 0.05 { 1980 } else { 345 }),
                     memory_clock_mhz: Some(2619),
+                    ..Default::default()
                 }
             })
             .collect())
