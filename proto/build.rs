@@ -4,20 +4,13 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "proto/flotilla/v1/telemetry.proto",
-        "proto/flotilla/v1/agent.proto",
-        "proto/flotilla/v1/fleet.proto",
-    ];
+    let files = ["proto/flotilla/v1/telemetry.proto", "proto/flotilla/v1/agent.proto", "proto/flotilla/v1/fleet.proto"];
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out.join("flotilla_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )?;
+    std::fs::write(out.join("flotilla_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -33,21 +33,13 @@ pub async fn run(
         let mut collectors = Vec::with_capacity(2);
         let gpus = match gpu.sample(start.elapsed()) {
             Ok(samples) => {
-                collectors.push(CollectorStatus {
-                    name: "gpu".into(),
-                    healthy: true,
-                    error: String::new(),
-                });
+                collectors.push(CollectorStatus { name: "gpu".into(), healthy: true, error: String::new() });
                 samples
             }
             Err(error) => {
                 tracing::warn!(%error, "GPU collection failed");
-                collectors.push(CollectorStatus {
-                    name: "gpu".into(),
-                    healthy: false,
-                    error: error.to_string(),
-                });
-                Vec::new()
+                collectors.push(CollectorStatus { name: "gpu".into(), healthy: false, error: error.message.clone() });
+                error.partial
             }
         };
         // /proc reads are quick but blocking; keep them off the async workers.
@@ -59,11 +51,7 @@ pub async fn run(
         {
             Ok((back, sample)) => {
                 host = back;
-                collectors.push(CollectorStatus {
-                    name: "host".into(),
-                    healthy: true,
-                    error: String::new(),
-                });
+                collectors.push(CollectorStatus { name: "host".into(), healthy: true, error: String::new() });
                 Some(sample)
             }
             Err(error) => {

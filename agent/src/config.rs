@@ -83,11 +83,7 @@ impl Default for Config {
         Self {
             controller: "https://localhost:7443".to_owned(),
             node_id: None,
-            tls: TlsFiles {
-                ca: pki.join("ca.pem"),
-                cert: pki.join("agent.pem"),
-                key: pki.join("agent.key"),
-            },
+            tls: TlsFiles { ca: pki.join("ca.pem"), cert: pki.join("agent.pem"), key: pki.join("agent.key") },
             data_dir: PathBuf::from("/var/lib/flotilla/agent"),
             interval: Duration::from_secs(5),
             heartbeat_interval: None,
@@ -101,11 +97,7 @@ impl Default for Config {
 
 impl Default for GpuConfig {
     fn default() -> Self {
-        Self {
-            source: GpuSourceChoice::None,
-            simulated_count: 8,
-            simulated_seed: None,
-        }
+        Self { source: GpuSourceChoice::None, simulated_count: 8, simulated_seed: None }
     }
 }
 
@@ -169,45 +161,26 @@ impl Config {
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::invalid(origin, m));
         if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600) {
-            return bad(format!(
-                "interval {} is outside 100ms..1h",
-                humantime::format_duration(self.interval)
-            ));
+            return bad(format!("interval {} is outside 100ms..1h", humantime::format_duration(self.interval)));
         }
         let hb = self.heartbeat();
         if hb < Duration::from_millis(100) || hb > Duration::from_secs(60) {
-            return bad(format!(
-                "heartbeat_interval {} is outside 100ms..60s",
-                humantime::format_duration(hb)
-            ));
+            return bad(format!("heartbeat_interval {} is outside 100ms..60s", humantime::format_duration(hb)));
         }
         if self.gpu.simulated_count > 64 {
-            return bad(format!(
-                "gpu.simulated_count {} is above 64",
-                self.gpu.simulated_count
-            ));
+            return bad(format!("gpu.simulated_count {} is above 64", self.gpu.simulated_count));
         }
         if self.uplink.max_pending_batches == 0 {
             return bad("uplink.max_pending_batches must be at least 1".to_owned());
         }
-        if self.uplink.backoff_initial.is_zero()
-            || self.uplink.backoff_initial > self.uplink.backoff_max
-        {
-            return bad(
-                "uplink.backoff_initial must be above zero and at most uplink.backoff_max"
-                    .to_owned(),
-            );
+        if self.uplink.backoff_initial.is_zero() || self.uplink.backoff_initial > self.uplink.backoff_max {
+            return bad("uplink.backoff_initial must be above zero and at most uplink.backoff_max".to_owned());
         }
         for key in self.labels.keys() {
-            let ok = key
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            let ok = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !ok {
-                return bad(format!(
-                    "label name {key:?} must match [a-zA-Z_][a-zA-Z0-9_]*"
-                ));
+                return bad(format!("label name {key:?} must match [a-zA-Z_][a-zA-Z0-9_]*"));
             }
         }
         Ok(())
@@ -230,28 +203,14 @@ mod tests {
     fn unknown_key_is_named_with_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.toml");
-        std::fs::write(
-            &path,
-            "controller = \"https://x:1\"\n[gpu]\nsorce = \"none\"\n",
-        )
-        .unwrap();
-        let err = Config::load(Some(&path), Overrides::default())
-            .unwrap_err()
-            .to_string();
+        std::fs::write(&path, "controller = \"https://x:1\"\n[gpu]\nsorce = \"none\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("a.toml:3") && err.contains("sorce"), "{err}");
     }
 
     #[test]
     fn bad_values_are_explained() {
-        let o = Overrides {
-            interval: Some(Duration::from_millis(1)),
-            ..Default::default()
-        };
-        assert!(
-            Config::load(None, o)
-                .unwrap_err()
-                .to_string()
-                .contains("interval")
-        );
+        let o = Overrides { interval: Some(Duration::from_millis(1)), ..Default::default() };
+        assert!(Config::load(None, o).unwrap_err().to_string().contains("interval"));
     }
 }

@@ -16,12 +16,21 @@ pub struct GpuInventory {
     pub note: String,
 }
 
-/// A GPU source failed to produce a sample.
+/// A GPU source failed to sample some or all GPUs.
 #[derive(Debug, thiserror::Error)]
 #[error("GPU source {source_name}: {message}")]
 pub struct GpuError {
     pub source_name: &'static str,
     pub message: String,
+    /// Samples of the GPUs that did answer (e.g. all but a GPU that fell off the bus).
+    pub partial: Vec<GpuSample>,
+}
+
+impl GpuError {
+    /// An error with no partial samples.
+    pub fn new(source_name: &'static str, message: impl Into<String>) -> Self {
+        Self { source_name, message: message.into(), partial: Vec::new() }
+    }
 }
 
 /// A source of GPU inventory and samples.
@@ -30,6 +39,10 @@ pub trait GpuSource: Send {
     fn inventory(&self) -> GpuInventory;
     /// One sample per GPU at `elapsed` since the agent started.
     fn sample(&mut self, elapsed: std::time::Duration) -> Result<Vec<GpuSample>, GpuError>;
+    /// The fault-injection handle, for simulated sources only.
+    fn simulation(&self) -> Option<simulated::SimHandle> {
+        None
+    }
 }
 
 /// The source for hosts configured without GPU collection.

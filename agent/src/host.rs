@@ -69,11 +69,7 @@ impl HostCollector {
                 .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
                 .with_memory(MemoryRefreshKind::everything()),
         );
-        Self {
-            system,
-            disks: Disks::new_with_refreshed_list(),
-            networks: Networks::new_with_refreshed_list(),
-        }
+        Self { system, disks: Disks::new_with_refreshed_list(), networks: Networks::new_with_refreshed_list() }
     }
 
     /// Static host facts.
@@ -85,10 +81,7 @@ impl HostCollector {
             hostname: System::host_name().unwrap_or_default(),
             os: System::long_os_version().unwrap_or_default(),
             kernel: System::kernel_version().unwrap_or_default(),
-            cpu_model: cpus
-                .first()
-                .map(|c| c.brand().trim().to_owned())
-                .unwrap_or_default(),
+            cpu_model: cpus.first().map(|c| c.brand().trim().to_owned()).unwrap_or_default(),
             cpu_cores: u32::try_from(cpus.len()).unwrap_or(u32::MAX),
             memory_total_bytes: self.system.total_memory(),
         }
@@ -127,8 +120,7 @@ impl HostCollector {
             })
             .collect();
         HostSample {
-            cpu_utilization_ratio: (f64::from(self.system.global_cpu_usage()) / 100.0)
-                .clamp(0.0, 1.0),
+            cpu_utilization_ratio: (f64::from(self.system.global_cpu_usage()) / 100.0).clamp(0.0, 1.0),
             load1: finite(load.one),
             load5: finite(load.five),
             load15: finite(load.fifteen),

@@ -63,38 +63,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let gpu_source: Box<dyn GpuSource> = match config.gpu.source {
         GpuSourceChoice::None => Box::new(gpu::NoGpus),
         GpuSourceChoice::Simulated => {
-            let seed = config
-                .gpu
-                .simulated_seed
-                .unwrap_or_else(|| gpu::simulated::seed_from(node.as_str()));
-            Box::new(gpu::simulated::SimulatedGpus::new(
-                config.gpu.simulated_count,
-                seed,
-            ))
+            let seed = config.gpu.simulated_seed.unwrap_or_else(|| gpu::simulated::seed_from(node.as_str()));
+            Box::new(gpu::simulated::SimulatedGpus::new(config.gpu.simulated_count, seed))
         }
     };
     let mut host = host::HostCollector::new();
     let inventory = build_inventory(&config, &mut host, gpu_source.as_ref());
     tracing::info!(node_id = %node, controller = %config.controller, gpus = inventory.gpus.len(), gpu_source = inventory.gpu_source.as_str(), "agent starting");
 
-    let uplink = uplink::Uplink::new(
-        node,
-        inventory,
-        endpoint,
-        config.heartbeat(),
-        config.uplink.clone(),
-        seq,
-    )
-    .map_err(AgentError::AckLog)?;
+    let simulation = gpu_source.simulation();
+    let uplink = uplink::Uplink::new(node, inventory, endpoint, config.heartbeat(), config.uplink.clone(), seq)
+        .map_err(AgentError::AckLog)?
+        .with_simulation(simulation);
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel(1024);
-    tracker.spawn(collector::run(
-        gpu_source,
-        host,
-        config.interval,
-        tx,
-        shutdown.child_token(),
-    ));
+    tracker.spawn(collector::run(gpu_source, host, config.interval, tx, shutdown.child_token()));
     tracker.spawn(uplink.run(rx, shutdown.child_token()));
     tracker.close();
     tracker.wait().await;
@@ -102,11 +85,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     Ok(())
 }
 
-fn build_inventory(
-    config: &Config,
-    host: &mut host::HostCollector,
-    gpu: &dyn GpuSource,
-) -> Inventory {
+fn build_inventory(config: &Config, host: &mut host::HostCollector, gpu: &dyn GpuSource) -> Inventory {
     let facts = host.facts();
     let g = gpu.inventory();
     Inventory {

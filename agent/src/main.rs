@@ -56,9 +56,7 @@ fn parse_gpu_source(s: &str) -> Result<GpuSourceChoice, String> {
     match s {
         "none" => Ok(GpuSourceChoice::None),
         "simulated" => Ok(GpuSourceChoice::Simulated),
-        other => Err(format!(
-            "unknown GPU source {other:?}: use none or simulated"
-        )),
+        other => Err(format!("unknown GPU source {other:?}: use none or simulated")),
     }
 }
 

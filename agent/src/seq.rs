@@ -33,27 +33,17 @@ impl SeqAllocator {
     /// Opens the counter stored in `dir`.
     pub fn open(dir: &Path) -> Result<Self, SeqError> {
         let path = dir.join("uplink.seq");
-        let err = |message: String| SeqError {
-            path: path.clone(),
-            message,
-        };
+        let err = |message: String| SeqError { path: path.clone(), message };
         fs::create_dir_all(dir).map_err(|e| err(format!("create {}: {e}", dir.display())))?;
         let (reserved, fresh) = match fs::read_to_string(&path) {
             Ok(text) => (
-                text.trim()
-                    .parse::<u64>()
-                    .map_err(|e| err(format!("not a number ({e}); delete the file to reset")))?,
+                text.trim().parse::<u64>().map_err(|e| err(format!("not a number ({e}); delete the file to reset")))?,
                 false,
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, true),
             Err(e) => return Err(err(e.to_string())),
         };
-        let mut alloc = Self {
-            path,
-            next: reserved + 1,
-            reserved_until: reserved,
-            fresh,
-        };
+        let mut alloc = Self { path, next: reserved + 1, reserved_until: reserved, fresh };
         alloc.reserve()?;
         Ok(alloc)
     }
@@ -84,14 +74,10 @@ impl SeqAllocator {
 
     fn reserve(&mut self) -> Result<(), SeqError> {
         let until = self.next + BLOCK - 1;
-        let err = |message: String| SeqError {
-            path: self.path.clone(),
-            message,
-        };
+        let err = |message: String| SeqError { path: self.path.clone(), message };
         let tmp = self.path.with_extension("tmp");
         let mut f = fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
-        f.write_all(format!("{until}\n").as_bytes())
-            .map_err(|e| err(e.to_string()))?;
+        f.write_all(format!("{until}\n").as_bytes()).map_err(|e| err(e.to_string()))?;
         f.sync_all().map_err(|e| err(e.to_string()))?;
         fs::rename(&tmp, &self.path).map_err(|e| err(e.to_string()))?;
         self.reserved_until = until;

@@ -59,14 +59,13 @@ pub struct Uplink {
     dropped: u64,
     ack_log: Option<std::fs::File>,
     welcomed_once: bool,
+    /// Where `SimInject` from the controller goes (simulated GPU sources only).
+    simulation: Option<crate::gpu::simulated::SimHandle>,
 }
 
 impl std::fmt::Debug for Uplink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uplink")
-            .field("node", &self.node)
-            .field("pending", &self.pending.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Uplink").field("node", &self.node).field("pending", &self.pending.len()).finish_non_exhaustive()
     }
 }
 
@@ -80,12 +79,7 @@ impl Uplink {
         seq: SeqAllocator,
     ) -> Result<Self, std::io::Error> {
         let ack_log = match &config.ack_log {
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+            Some(path) => Some(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
             None => None,
         };
         Ok(Self {
@@ -99,15 +93,31 @@ impl Uplink {
             dropped: 0,
             ack_log,
             welcomed_once: false,
+            simulation: None,
         })
     }
 
+    /// Lets the controller inject faults into these simulated GPUs.
+    pub fn with_simulation(mut self, handle: Option<crate::gpu::simulated::SimHandle>) -> Self {
+        self.simulation = handle;
+        self
+    }
+
+    /// Applies a `SimInject` from the controller.
+    fn on_sim_inject(&self, inject: &pb::SimInject) {
+        let Some(handle) = &self.simulation else {
+            tracing::warn!(fault = %inject.fault, "ignoring a fault injection: this agent's GPUs are not simulated");
+            return;
+        };
+        let outcome =
+            inject.fault.parse::<flotilla_common::model::SimFault>().and_then(|fault| handle.inject(fault, inject.gpu));
+        if let Err(error) = outcome {
+            tracing::warn!(%error, "refused a fault injection");
+        }
+    }
+
     /// Runs until `cancel` fires.
-    pub async fn run(
-        mut self,
-        mut batches: mpsc::Receiver<TelemetryBatch>,
-        cancel: CancellationToken,
-    ) {
+    pub async fn run(mut self, mut batches: mpsc::Receiver<TelemetryBatch>, cancel: CancellationToken) {
         let mut failures: u32 = 0;
         loop {
             if cancel.is_cancelled() {
@@ -128,11 +138,7 @@ impl Uplink {
                 }
             }
             failures = failures.saturating_add(1);
-            let delay = backoff(
-                self.config.backoff_initial,
-                self.config.backoff_max,
-                failures,
-            );
+            let delay = backoff(self.config.backoff_initial, self.config.backoff_max, failures);
             let deadline = Instant::now() + delay;
             loop {
                 tokio::select! {
@@ -168,19 +174,12 @@ impl Uplink {
                 );
             }
         }
-        self.pending.push_back(Pending {
-            batch,
-            sent_at: None,
-        });
+        self.pending.push_back(Pending { batch, sent_at: None });
         Some(self.pending.len() - 1)
     }
 
     async fn connect(&mut self) -> Result<Link, String> {
-        let channel = self
-            .endpoint
-            .connect()
-            .await
-            .map_err(|e| flotilla_common::client::describe(&e))?;
+        let channel = self.endpoint.connect().await.map_err(|e| flotilla_common::client::describe(&e))?;
         let mut client = AgentServiceClient::new(channel)
             .max_decoding_message_size(4 * 1024 * 1024)
             .max_encoding_message_size(4 * 1024 * 1024);
@@ -190,24 +189,15 @@ impl Uplink {
                 protocol_version: PROTOCOL_VERSION,
                 node_id: self.node.to_string(),
                 inventory: Some(self.inventory.clone().into()),
-                heartbeat_interval_ms: u32::try_from(self.heartbeat.as_millis())
-                    .unwrap_or(u32::MAX),
+                heartbeat_interval_ms: u32::try_from(self.heartbeat.as_millis()).unwrap_or(u32::MAX),
             })),
         };
-        tx.send(hello)
-            .await
-            .map_err(|_| "stream closed before hello".to_owned())?;
-        let mut inbound = client
-            .connect(ReceiverStream::new(rx))
-            .await
-            .map_err(refusal)?
-            .into_inner();
+        tx.send(hello).await.map_err(|_| "stream closed before hello".to_owned())?;
+        let mut inbound = client.connect(ReceiverStream::new(rx)).await.map_err(refusal)?.into_inner();
         let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
             Err(_) => return Err("no welcome from the controller in time".to_owned()),
             Ok(Err(status)) => return Err(refusal(status)),
-            Ok(Ok(Some(pb::ControllerMessage {
-                body: Some(Down::Welcome(w)),
-            }))) => w,
+            Ok(Ok(Some(pb::ControllerMessage { body: Some(Down::Welcome(w)) }))) => w,
             Ok(Ok(_)) => return Err("the controller's first message was not a welcome".to_owned()),
         };
         self.on_welcome(&welcome);
@@ -284,6 +274,7 @@ impl Uplink {
                 }
                 msg = link.inbound.message() => match msg {
                     Ok(Some(pb::ControllerMessage { body: Some(Down::Ack(ack)) })) => self.on_ack(&ack.seqs),
+                    Ok(Some(pb::ControllerMessage { body: Some(Down::SimInject(inject)) })) => self.on_sim_inject(&inject),
                     Ok(Some(_)) => tracing::debug!("ignoring unexpected controller message"),
                     Ok(None) => return LinkEnd::Broken("controller closed the stream".to_owned()),
                     Err(status) => return LinkEnd::Broken(refusal(status)),
@@ -304,9 +295,7 @@ impl Uplink {
             return Ok(());
         };
         p.sent_at = Some(Instant::now());
-        let msg = pb::AgentMessage {
-            body: Some(Up::Telemetry(p.batch.clone().into())),
-        };
+        let msg = pb::AgentMessage { body: Some(Up::Telemetry(p.batch.clone().into())) };
         self.send_msg(link, msg).await
     }
 
@@ -334,9 +323,7 @@ impl Uplink {
         let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
         while self.pending.iter().any(|p| p.sent_at.is_some()) {
             match tokio::time::timeout_at(deadline, link.inbound.message()).await {
-                Ok(Ok(Some(pb::ControllerMessage {
-                    body: Some(Down::Ack(ack)),
-                }))) => self.on_ack(&ack.seqs),
+                Ok(Ok(Some(pb::ControllerMessage { body: Some(Down::Ack(ack)) }))) => self.on_ack(&ack.seqs),
                 Ok(Ok(Some(_))) => {}
                 _ => break,
             }
@@ -354,22 +341,12 @@ impl Uplink {
 fn refusal(status: tonic::Status) -> String {
     use tonic::Code;
     let text = match status.code() {
-        Code::PermissionDenied
-        | Code::Unauthenticated
-        | Code::FailedPrecondition
-        | Code::InvalidArgument => {
-            format!(
-                "controller refused this agent ({:?}): {}",
-                status.code(),
-                status.message()
-            )
+        Code::PermissionDenied | Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument => {
+            format!("controller refused this agent ({:?}): {}", status.code(), status.message())
         }
         _ => format!("{:?}: {}", status.code(), status.message()),
     };
-    if matches!(
-        status.code(),
-        Code::PermissionDenied | Code::Unauthenticated
-    ) {
+    if matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated) {
         tracing::error!(reason = %text, "refused by the controller; check this agent's certificate and node_id");
     }
     text

@@ -19,19 +19,10 @@ pub enum ClientError {
 /// certificate and trusts only the fleet CA. The server name checked against the
 /// controller certificate is the URL's host.
 pub fn endpoint(url: &str, tls: &TlsFiles) -> Result<Endpoint, ClientError> {
-    let bad = |reason: String| ClientError::BadUrl {
-        url: url.to_owned(),
-        reason,
-    };
-    let normalized = if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("https://{url}")
-    };
+    let bad = |reason: String| ClientError::BadUrl { url: url.to_owned(), reason };
+    let normalized = if url.contains("://") { url.to_owned() } else { format!("https://{url}") };
     if !normalized.starts_with("https://") {
-        return Err(bad(
-            "use https://HOST:PORT: every Flotilla port is mTLS".to_owned()
-        ));
+        return Err(bad("use https://HOST:PORT: every Flotilla port is mTLS".to_owned()));
     }
     let pem = tls.pem_bytes()?;
     let config = ClientTlsConfig::new()

@@ -117,24 +117,16 @@ impl Identity {
             return Ok(Identity::Controller);
         }
         if let Some(id) = uri.strip_prefix(NODE_PREFIX) {
-            return NodeId::new(id).map(Identity::Node).map_err(|source| {
-                IdentityError::BadNodeId {
-                    uri: uri.to_owned(),
-                    source,
-                }
-            });
+            return NodeId::new(id)
+                .map(Identity::Node)
+                .map_err(|source| IdentityError::BadNodeId { uri: uri.to_owned(), source });
         }
         if let Some(rest) = uri.strip_prefix(OPERATOR_PREFIX) {
-            let (role, name) = rest
-                .split_once(':')
-                .ok_or_else(|| IdentityError::Malformed(uri.to_owned()))?;
+            let (role, name) = rest.split_once(':').ok_or_else(|| IdentityError::Malformed(uri.to_owned()))?;
             if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
                 return Err(IdentityError::Malformed(uri.to_owned()));
             }
-            return Ok(Identity::Operator {
-                name: name.to_owned(),
-                role: role.parse()?,
-            });
+            return Ok(Identity::Operator { name: name.to_owned(), role: role.parse()? });
         }
         Err(IdentityError::Malformed(uri.to_owned()))
     }
@@ -181,10 +173,7 @@ mod tests {
     fn uris_round_trip() {
         let ids = [
             Identity::Node(NodeId::new("gpu-1").unwrap()),
-            Identity::Operator {
-                name: "alice".into(),
-                role: Role::Admin,
-            },
+            Identity::Operator { name: "alice".into(), role: Role::Admin },
             Identity::Controller,
         ];
         for id in ids {

@@ -39,13 +39,9 @@ impl NodeId {
         if id.len() > MAX_NODE_ID_LEN {
             return Err(NodeIdError::TooLong(id.len()));
         }
-        let first_ok = id
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        let rest_ok = id.chars().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.'
-        });
+        let first_ok = id.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let rest_ok =
+            id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.');
         if !first_ok || !rest_ok {
             return Err(NodeIdError::BadCharacter(id));
         }
@@ -98,15 +94,9 @@ mod tests {
     #[test]
     fn refuses_unsafe_ids() {
         assert_eq!(NodeId::new(""), Err(NodeIdError::Empty));
-        assert!(matches!(
-            NodeId::new("x".repeat(64)),
-            Err(NodeIdError::TooLong(64))
-        ));
+        assert!(matches!(NodeId::new("x".repeat(64)), Err(NodeIdError::TooLong(64))));
         for bad in ["-a", ".a", "A", "a/b", "a b", "../etc", "é"] {
-            assert!(
-                matches!(NodeId::new(bad), Err(NodeIdError::BadCharacter(_))),
-                "{bad}"
-            );
+            assert!(matches!(NodeId::new(bad), Err(NodeIdError::BadCharacter(_))), "{bad}");
         }
     }
 }

@@ -27,8 +27,7 @@ impl std::str::FromStr for LogFormat {
 /// Installs the global subscriber. `default_filter` applies when `RUST_LOG` is unset.
 /// Logs go to stderr so that stdout stays clean for command output.
 pub fn init(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -126,10 +126,7 @@ pub const CLOCK_EVENT_REASONS: [(u64, &str); 9] = [
 
 /// The names of the reasons set in `mask`.
 pub fn clock_event_reason_names(mask: u64) -> impl Iterator<Item = &'static str> {
-    CLOCK_EVENT_REASONS
-        .iter()
-        .filter(move |(bit, _)| mask & bit != 0)
-        .map(|(_, name)| *name)
+    CLOCK_EVENT_REASONS.iter().filter(move |(bit, _)| mask & bit != 0).map(|(_, name)| *name)
 }
 
 /// XID codes that mean the GPU or its memory needs attention now (NVIDIA's XID
@@ -238,5 +235,71 @@ impl NodeState {
 impl std::fmt::Display for NodeState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A fault to inject into a simulated GPU (`flotctl sim inject`). Real GPUs are
+/// never touched: agents with an NVML source refuse these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SimFault {
+    /// The cooling fails: temperature climbs, clocks throttle.
+    Overheat,
+    /// A process leaks GPU memory until the card is full.
+    MemoryCreep,
+    /// The GPU raises an XID error with this code (79: falls off the bus).
+    Xid(u64),
+    /// The GPU disappears from the bus.
+    GpuLost,
+    /// Back to normal (cumulative counters are kept, like real hardware).
+    Clear,
+}
+
+impl std::fmt::Display for SimFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Overheat => f.write_str("overheat"),
+            Self::MemoryCreep => f.write_str("memory-creep"),
+            Self::Xid(code) => write!(f, "xid={code}"),
+            Self::GpuLost => f.write_str("gpu-lost"),
+            Self::Clear => f.write_str("clear"),
+        }
+    }
+}
+
+impl std::str::FromStr for SimFault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "overheat" => Ok(Self::Overheat),
+            "memory-creep" => Ok(Self::MemoryCreep),
+            "gpu-lost" => Ok(Self::GpuLost),
+            "clear" => Ok(Self::Clear),
+            other => match other.strip_prefix("xid=").map(str::parse::<u64>) {
+                Some(Ok(code)) if (1..=1000).contains(&code) => Ok(Self::Xid(code)),
+                _ => Err(format!(
+                    "unknown fault {other:?}: use overheat, memory-creep, xid=CODE (1-1000), gpu-lost or clear"
+                )),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse_and_print() {
+        for f in ["overheat", "memory-creep", "xid=79", "gpu-lost", "clear"] {
+            assert_eq!(f.parse::<SimFault>().unwrap().to_string(), f);
+        }
+        assert!("xid=0".parse::<SimFault>().is_err());
+        assert!("xid=abc".parse::<SimFault>().is_err());
+        assert!("melt".parse::<SimFault>().unwrap_err().contains("overheat"));
+    }
+
+    #[test]
+    fn clock_event_names() {
+        assert_eq!(clock_event_reason_names(0x20 | 0x1).collect::<Vec<_>>(), ["gpu_idle", "sw_thermal_slowdown"]);
     }
 }

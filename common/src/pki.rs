@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -46,9 +46,7 @@ pub enum PkiError {
     },
     #[error("{path} already exists; pass --force to overwrite it or choose another --dir")]
     Exists { path: PathBuf },
-    #[error(
-        "{path}: not a usable CA file ({source}); is this the directory `flotctl ca init` wrote?"
-    )]
+    #[error("{path}: not a usable CA file ({source}); is this the directory `flotctl ca init` wrote?")]
     BadCa {
         path: PathBuf,
         #[source]
@@ -93,10 +91,7 @@ pub struct CaInit {
 impl Default for CaInit {
     fn default() -> Self {
         Self {
-            controller_sans: DEFAULT_CONTROLLER_SANS
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
+            controller_sans: DEFAULT_CONTROLLER_SANS.iter().map(|s| (*s).to_owned()).collect(),
             admin_name: "admin".to_owned(),
             force: false,
         }
@@ -117,22 +112,11 @@ pub fn leaf_paths(dir: &Path, identity: &Identity) -> CertPaths {
         Identity::Operator { name, .. } => dir.join("operators").join(sanitize(name)),
         Identity::Controller => dir.join("controller"),
     };
-    CertPaths {
-        cert: stem.with_extension("pem"),
-        key: stem.with_extension("key"),
-    }
+    CertPaths { cert: stem.with_extension("pem"), key: stem.with_extension("key") }
 }
 
 fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 /// Creates a new fleet CA, the controller certificate and an admin certificate in `dir`.
@@ -141,67 +125,37 @@ pub fn init_ca(dir: &Path, opts: &CaInit) -> Result<CaFiles, PkiError> {
     if !opts.force && (ca_cert.exists() || ca_key_path(dir).exists()) {
         return Err(PkiError::Exists { path: ca_cert });
     }
-    let sans = opts
-        .controller_sans
-        .iter()
-        .map(|name| parse_san(name))
-        .collect::<Result<Vec<_>, _>>()?;
+    let sans = opts.controller_sans.iter().map(|name| parse_san(name)).collect::<Result<Vec<_>, _>>()?;
 
     let ca_key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(
-        DnType::CommonName,
-        format!("Flotilla fleet CA {:08x}", rand::random::<u32>()),
-    );
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "Flotilla");
+    params.distinguished_name.push(DnType::CommonName, format!("Flotilla fleet CA {:08x}", rand::random::<u32>()));
+    params.distinguished_name.push(DnType::OrganizationName, "Flotilla");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     set_validity(&mut params, CA_VALIDITY);
     params.serial_number = Some(random_serial());
     let cert = params.self_signed(&ca_key)?;
 
     write_file(dir, &ca_cert, cert.pem().as_bytes(), Secret::No)?;
-    write_file(
-        dir,
-        &ca_key_path(dir),
-        ca_key.serialize_pem().as_bytes(),
-        Secret::Yes,
-    )?;
+    write_file(dir, &ca_key_path(dir), ca_key.serialize_pem().as_bytes(), Secret::Yes)?;
 
     let issuer = Issuer::new(params, ca_key);
     let controller = issue_with(dir, &issuer, &Identity::Controller, sans, LEAF_VALIDITY)?;
     let admin = issue_with(
         dir,
         &issuer,
-        &Identity::Operator {
-            name: opts.admin_name.clone(),
-            role: crate::Role::Admin,
-        },
+        &Identity::Operator { name: opts.admin_name.clone(), role: crate::Role::Admin },
         Vec::new(),
         LEAF_VALIDITY,
     )?;
-    Ok(CaFiles {
-        ca_cert,
-        controller,
-        admin,
-    })
+    Ok(CaFiles { ca_cert, controller, admin })
 }
 
 /// Issues a client certificate for `identity` with the CA in `dir`, writing it
 /// where [`leaf_paths`] says. Refuses to overwrite unless `force`.
-pub fn issue(
-    dir: &Path,
-    identity: &Identity,
-    validity: Duration,
-    force: bool,
-) -> Result<CertPaths, PkiError> {
+pub fn issue(dir: &Path, identity: &Identity, validity: Duration, force: bool) -> Result<CertPaths, PkiError> {
     let paths = leaf_paths(dir, identity);
     if !force && paths.cert.exists() {
         return Err(PkiError::Exists { path: paths.cert });
@@ -212,15 +166,8 @@ pub fn issue(
 
 /// Issues the controller's server certificate again with new names (e.g. after
 /// moving the controller), keeping the CA.
-pub fn issue_controller(
-    dir: &Path,
-    sans: &[String],
-    validity: Duration,
-) -> Result<CertPaths, PkiError> {
-    let sans = sans
-        .iter()
-        .map(|n| parse_san(n))
-        .collect::<Result<Vec<_>, _>>()?;
+pub fn issue_controller(dir: &Path, sans: &[String], validity: Duration) -> Result<CertPaths, PkiError> {
+    let sans = sans.iter().map(|n| parse_san(n)).collect::<Result<Vec<_>, _>>()?;
     let issuer = load_issuer(dir)?;
     issue_with(dir, &issuer, &Identity::Controller, sans, validity)
 }
@@ -228,16 +175,10 @@ pub fn issue_controller(
 fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
     let key_path = ca_key_path(dir);
     let key_pem = read(&key_path)?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::BadCa {
-        path: key_path.clone(),
-        source,
-    })?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::BadCa { path: key_path.clone(), source })?;
     let cert_path = ca_cert_path(dir);
     let cert_pem = read(&cert_path)?;
-    Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| PkiError::BadCa {
-        path: cert_path,
-        source,
-    })
+    Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| PkiError::BadCa { path: cert_path, source })
 }
 
 fn issue_with(
@@ -255,15 +196,9 @@ fn issue_with(
         Identity::Operator { name, .. } => name.clone(),
         Identity::Controller => "flotilla-controller".to_owned(),
     };
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
+    params.distinguished_name.push(DnType::CommonName, common_name);
     let uri = identity.to_uri();
-    sans.push(SanType::URI(
-        uri.clone()
-            .try_into()
-            .map_err(|source| PkiError::BadSan { name: uri, source })?,
-    ));
+    sans.push(SanType::URI(uri.clone().try_into().map_err(|source| PkiError::BadSan { name: uri, source })?));
     params.subject_alt_names = sans;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match identity {
@@ -288,10 +223,7 @@ fn parse_san(name: &str) -> Result<SanType, PkiError> {
     name.to_owned()
         .try_into()
         .map(SanType::DnsName)
-        .map_err(|source| PkiError::BadSan {
-            name: name.to_owned(),
-            source,
-        })
+        .map_err(|source| PkiError::BadSan { name: name.to_owned(), source })
 }
 
 fn set_validity(params: &mut CertificateParams, validity: Duration) {
@@ -312,19 +244,13 @@ enum Secret {
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so that a crash
 /// never leaves half a key; private keys are created with mode 0600.
 fn write_file(dir: &Path, path: &Path, bytes: &[u8], secret: Secret) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| PkiError::Io { path: path.to_owned(), source };
     let parent = path.parent().unwrap_or(dir);
     fs::create_dir_all(parent).map_err(io)?;
     let tmp = path.with_extension("tmp");
@@ -356,26 +282,14 @@ mod tests {
         for (path, want) in [
             (&paths.cert, node.clone()),
             (&files.controller.cert, Identity::Controller),
-            (
-                &files.admin.cert,
-                Identity::Operator {
-                    name: "admin".into(),
-                    role: crate::Role::Admin,
-                },
-            ),
+            (&files.admin.cert, Identity::Operator { name: "admin".into(), role: crate::Role::Admin }),
         ] {
             let pem = fs::read(path).unwrap();
             let der = crate::tls::certs_from_pem(path, &pem).unwrap();
             assert_eq!(Identity::from_der(&der[0]).unwrap(), want);
         }
-        assert!(matches!(
-            init_ca(dir.path(), &CaInit::default()),
-            Err(PkiError::Exists { .. })
-        ));
-        assert!(matches!(
-            issue(dir.path(), &node, LEAF_VALIDITY, false),
-            Err(PkiError::Exists { .. })
-        ));
+        assert!(matches!(init_ca(dir.path(), &CaInit::default()), Err(PkiError::Exists { .. })));
+        assert!(matches!(issue(dir.path(), &node, LEAF_VALIDITY, false), Err(PkiError::Exists { .. })));
     }
 
     #[cfg(unix)]

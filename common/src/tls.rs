@@ -59,43 +59,28 @@ pub enum TlsError {
 pub fn certs_from_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::BadCertificate {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| TlsError::BadCertificate { path: path.to_owned(), reason: e.to_string() })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_owned(),
-        });
+        return Err(TlsError::NoCertificate { path: path.to_owned() });
     }
     Ok(certs)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_owned(), source })
 }
 
 impl TlsFiles {
     /// The files `flotctl ca init` / `cert issue` wrote for a leaf in a PKI dir.
     pub fn from_pki_dir(dir: &Path, leaf: &crate::pki::CertPaths) -> Self {
-        Self {
-            ca: crate::pki::ca_cert_path(dir),
-            cert: leaf.cert.clone(),
-            key: leaf.key.clone(),
-        }
+        Self { ca: crate::pki::ca_cert_path(dir), cert: leaf.cert.clone(), key: leaf.key.clone() }
     }
 
     /// Loads the CA certificates into a root store.
     pub fn roots(&self) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
         for cert in certs_from_pem(&self.ca, &read(&self.ca)?)? {
-            roots.add(cert).map_err(|source| TlsError::BadCa {
-                path: self.ca.clone(),
-                source,
-            })?;
+            roots.add(cert).map_err(|source| TlsError::BadCa { path: self.ca.clone(), source })?;
         }
         Ok(roots)
     }
@@ -107,22 +92,16 @@ impl TlsFiles {
 
     /// Our private key.
     pub fn private_key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
-        PrivateKeyDer::from_pem_slice(&read(&self.key)?).map_err(|e| TlsError::BadKey {
-            path: self.key.clone(),
-            reason: e.to_string(),
-        })
+        PrivateKeyDer::from_pem_slice(&read(&self.key)?)
+            .map_err(|e| TlsError::BadKey { path: self.key.clone(), reason: e.to_string() })
     }
 
     /// The identity our own certificate carries.
     pub fn identity(&self) -> Result<crate::Identity, TlsError> {
         let chain = self.chain()?;
-        let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate {
-            path: self.cert.clone(),
-        })?;
-        crate::Identity::from_der(leaf).map_err(|e| TlsError::BadCertificate {
-            path: self.cert.clone(),
-            reason: e.to_string(),
-        })
+        let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate { path: self.cert.clone() })?;
+        crate::Identity::from_der(leaf)
+            .map_err(|e| TlsError::BadCertificate { path: self.cert.clone(), reason: e.to_string() })
     }
 
     /// Raw PEM bytes, for clients that take PEM (tonic).
@@ -131,15 +110,21 @@ impl TlsFiles {
         self.roots()?;
         self.chain()?;
         self.private_key()?;
-        Ok(PemBundle {
-            ca: read(&self.ca)?,
-            cert: read(&self.cert)?,
-            key: read(&self.key)?,
-        })
+        Ok(PemBundle { ca: read(&self.ca)?, cert: read(&self.cert)?, key: read(&self.key)? })
     }
 
-    /// A rustls server configuration that requires a client certificate from the fleet CA.
+    /// A rustls server configuration that requires a client certificate from the
+    /// fleet CA, speaking gRPC (ALPN h2).
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.server_config_with_alpn(vec![b"h2".to_vec()])
+    }
+
+    /// The same for plain HTTP/1.1 endpoints (metrics, probes).
+    pub fn http1_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        self.server_config_with_alpn(vec![b"http/1.1".to_vec()])
+    }
+
+    fn server_config_with_alpn(&self, alpn: Vec<Vec<u8>>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let verifier = WebPkiClientVerifier::builder(Arc::new(self.roots()?))
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -147,7 +132,7 @@ impl TlsFiles {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain()?, self.private_key()?)
             .map_err(|e| TlsError::Config(format!("{}: {e}", self.cert.display())))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn;
         Ok(Arc::new(config))
     }
 
@@ -177,14 +162,11 @@ pub fn explain_handshake_error(error: &std::io::Error) -> String {
         "the peer's certificate has expired; issue a new one"
     } else if text.contains("NotValidYet") {
         "the peer's certificate is not valid yet; check the clocks"
-    } else if text.contains("peer sent no certificates") || text.contains("NoCertificatesPresented")
-    {
+    } else if text.contains("peer sent no certificates") || text.contains("NoCertificatesPresented") {
         "the peer presented no client certificate; every Flotilla port requires mTLS"
     } else if text.contains("fatal alert") {
         "the peer refused our certificate (it trusts another CA: check its --ca/--cacert)"
-    } else if text.contains("InvalidContentType")
-        || text.contains("corrupt message")
-        || text.contains("InvalidMessage")
+    } else if text.contains("InvalidContentType") || text.contains("corrupt message") || text.contains("InvalidMessage")
     {
         "the peer does not speak TLS (plaintext or garbage on the port)"
     } else if text.contains("early eof") || text.contains("UnexpectedEof") {

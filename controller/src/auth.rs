@@ -7,12 +7,11 @@ use tonic::{Request, Status};
 
 /// The identity of the caller of `request`.
 pub fn identity<T>(request: &Request<T>) -> Result<Identity, Status> {
-    let certs = request.peer_certs().ok_or_else(|| {
-        Status::unauthenticated("a client certificate from the fleet CA is required")
-    })?;
-    let leaf = certs.first().ok_or_else(|| {
-        Status::unauthenticated("a client certificate from the fleet CA is required")
-    })?;
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate from the fleet CA is required"))?;
+    let leaf =
+        certs.first().ok_or_else(|| Status::unauthenticated("a client certificate from the fleet CA is required"))?;
     Identity::from_der(leaf).map_err(|e| {
         tracing::warn!(peer = ?request.remote_addr(), error = %e, "refused a certificate without a usable identity");
         Status::unauthenticated(format!("client certificate: {e}"))
@@ -25,9 +24,7 @@ pub fn require_node<T>(request: &Request<T>) -> Result<NodeId, Status> {
         Identity::Node(id) => Ok(id),
         other => {
             tracing::warn!(peer = ?request.remote_addr(), identity = %other, "non-agent identity called AgentService");
-            Err(Status::permission_denied(format!(
-                "AgentService is for agents; this certificate identifies {other}"
-            )))
+            Err(Status::permission_denied(format!("AgentService is for agents; this certificate identifies {other}")))
         }
     }
 }

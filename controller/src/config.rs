@@ -16,6 +16,8 @@ use serde::Deserialize;
 pub struct Config {
     /// Address of the mTLS gRPC port (agents, flotctl, external tools).
     pub listen: SocketAddr,
+    /// Address of the HTTPS (mTLS) endpoint with `/metrics`, `/healthz` and `/readyz`; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where the sled store lives.
     pub data_dir: PathBuf,
     /// The fleet CA and the controller's server certificate.
@@ -74,12 +76,9 @@ impl Default for Config {
         let pki = Path::new("/etc/flotilla/pki");
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            metrics_listen: None,
             data_dir: PathBuf::from("/var/lib/flotilla/controller"),
-            tls: TlsFiles {
-                ca: pki.join("ca.pem"),
-                cert: pki.join("controller.pem"),
-                key: pki.join("controller.key"),
-            },
+            tls: TlsFiles { ca: pki.join("ca.pem"), cert: pki.join("controller.pem"), key: pki.join("controller.key") },
             log_format: LogFormat::Text,
             agents: AgentPolicy::default(),
             telemetry: TelemetryPolicy::default(),
@@ -101,11 +100,7 @@ impl Default for AgentPolicy {
 
 impl Default for TelemetryPolicy {
     fn default() -> Self {
-        Self {
-            retention: Duration::from_secs(7 * 24 * 3600),
-            max_commit_group: 4096,
-            commit_queue: 16_384,
-        }
+        Self { retention: Duration::from_secs(7 * 24 * 3600), max_commit_group: 4096, commit_queue: 16_384 }
     }
 }
 
@@ -123,6 +118,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
@@ -137,24 +133,15 @@ impl Config {
             Some(path) => load_toml(path)?,
             None => Config::default(),
         };
-        let Overrides {
-            listen,
-            data_dir,
-            ca,
-            cert,
-            key,
-            log_format,
-        } = overrides;
+        let Overrides { listen, metrics_listen, data_dir, ca, cert, key, log_format } = overrides;
+        config.metrics_listen = metrics_listen.or(config.metrics_listen);
         config.listen = listen.unwrap_or(config.listen);
         config.data_dir = data_dir.unwrap_or(config.data_dir);
         config.tls.ca = ca.unwrap_or(config.tls.ca);
         config.tls.cert = cert.unwrap_or(config.tls.cert);
         config.tls.key = key.unwrap_or(config.tls.key);
         config.log_format = log_format.unwrap_or(config.log_format);
-        let origin = file.map_or_else(
-            || "controller config".to_owned(),
-            |p| p.display().to_string(),
-        );
+        let origin = file.map_or_else(|| "controller config".to_owned(), |p| p.display().to_string());
         config.validate(&origin)?;
         Ok(config)
     }
@@ -197,10 +184,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "listen = \"127.0.0.1:1\"\n").unwrap();
-        let o = Overrides {
-            listen: Some("127.0.0.1:2".parse().unwrap()),
-            ..Default::default()
-        };
+        let o = Overrides { listen: Some("127.0.0.1:2".parse().unwrap()), ..Default::default() };
         assert_eq!(Config::load(Some(&path), o).unwrap().listen.port(), 2);
     }
 
@@ -209,12 +193,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[agents]\nmissed_heartbeat = 3\n").unwrap();
-        let err = Config::load(Some(&path), Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("missed_heartbeat") && err.contains("c.toml:2"),
-            "{err}"
-        );
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("missed_heartbeat") && err.contains("c.toml:2"), "{err}");
     }
 }

@@ -9,6 +9,8 @@ use flotilla_common::model::TelemetryBatch;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::fleetview::FleetView;
+use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
 
 /// Where the committer sends the seqs it has made durable for one stream.
@@ -39,22 +41,26 @@ impl Committer {
 /// acknowledging everything already queued.
 pub fn spawn(
     store: Arc<dyn Store>,
+    view: FleetView,
+    metrics: Metrics,
     queue: usize,
     max_group: usize,
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Committer {
     let (tx, rx) = mpsc::channel(queue);
-    tracker.spawn(run(store, rx, max_group, cancel));
+    tracker.spawn(run(Shared { store, view, metrics }, rx, max_group, cancel));
     Committer { tx }
 }
 
-async fn run(
+/// What the committer loop needs besides its queue.
+struct Shared {
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<Job>,
-    max_group: usize,
-    cancel: CancellationToken,
-) {
+    view: FleetView,
+    metrics: Metrics,
+}
+
+async fn run(shared: Shared, mut rx: mpsc::Receiver<Job>, max_group: usize, cancel: CancellationToken) {
     loop {
         let first = tokio::select! {
             job = rx.recv() => job,
@@ -71,44 +77,48 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit(&store, jobs).await;
+        commit(&shared, jobs).await;
     }
     tracing::debug!("telemetry committer stopped");
 }
 
-async fn commit(store: &Arc<dyn Store>, jobs: Vec<Job>) {
-    let (keys, sinks): (Vec<(NodeId, TelemetryBatch)>, Vec<AckSink>) = jobs
-        .into_iter()
-        .map(|j| ((j.node, j.batch), j.acks))
-        .unzip();
-    let store = Arc::clone(store);
+async fn commit(shared: &Shared, jobs: Vec<Job>) {
+    let (keys, sinks): (Vec<(NodeId, TelemetryBatch)>, Vec<AckSink>) =
+        jobs.into_iter().map(|j| ((j.node, j.batch), j.acks)).unzip();
+    let store = Arc::clone(&shared.store);
     let count = keys.len();
+    let started = std::time::Instant::now();
     let result = tokio::task::spawn_blocking(move || {
         let outcome = store.commit_batches(&keys);
         (keys, outcome)
     })
     .await;
+    shared.metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
+    shared.metrics.commit_group_batches.observe(count as f64);
     let (keys, outcome) = match result {
         Ok((keys, Ok(outcome))) => (keys, outcome),
         Ok((_, Err(error))) => {
+            shared.metrics.commit_failures.inc();
             // Nothing is acknowledged; agents keep the batches and resend them.
             tracing::error!(%error, batches = count, "telemetry commit failed; batches not acknowledged");
             return;
         }
         Err(error) => {
+            shared.metrics.commit_failures.inc();
             tracing::error!(%error, batches = count, "telemetry commit task failed; batches not acknowledged");
             return;
         }
     };
-    let duplicates = outcome
-        .iter()
-        .filter(|c| **c == Committed::Duplicate)
-        .count();
+    let duplicates = outcome.iter().filter(|c| **c == Committed::Duplicate).count();
+    shared.metrics.batches_duplicate.inc_by(duplicates as u64);
+    shared.metrics.batches_committed.inc_by((count - duplicates) as u64);
+    for ((node, batch), c) in keys.iter().zip(&outcome) {
+        if *c == Committed::New {
+            shared.view.observe(node, batch);
+        }
+    }
     if duplicates > 0 {
-        tracing::debug!(
-            duplicates,
-            "resent batches already stored; acknowledging again"
-        );
+        tracing::debug!(duplicates, "resent batches already stored; acknowledging again");
     }
     // Group the seqs per stream so each stream gets one Ack per commit.
     let mut grouped: Vec<(AckSink, Vec<u64>)> = Vec::new();

@@ -8,9 +8,12 @@
 
 pub mod auth;
 pub mod config;
+pub mod exporter;
+pub mod fleetview;
 pub mod ingest;
 pub mod listener;
 pub mod liveness;
+pub mod metrics;
 pub mod registry;
 mod server;
 pub mod service;
@@ -51,6 +54,8 @@ pub enum ControllerError {
 pub struct Controller {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
+    metrics_listener: Option<(tokio::net::TcpListener, SocketAddr)>,
+    metrics_tls: Arc<rustls::ServerConfig>,
     store: Arc<dyn store::Store>,
     tls: Arc<rustls::ServerConfig>,
     config: Arc<Config>,
@@ -58,9 +63,7 @@ pub struct Controller {
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Controller")
-            .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
+        f.debug_struct("Controller").field("local_addr", &self.local_addr).finish_non_exhaustive()
     }
 }
 
@@ -69,44 +72,41 @@ impl Controller {
     /// message naming the file or address at fault.
     pub async fn bind(config: Config) -> Result<Self, ControllerError> {
         let tls = config.tls.server_config()?;
+        let metrics_tls = config.tls.http1_server_config()?;
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| ControllerError::DataDir {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|source| ControllerError::DataDir { path: data_dir.display().to_string(), source })?;
         let store_path = data_dir.join("store");
-        let store: Arc<dyn store::Store> = Arc::new(
-            tokio::task::spawn_blocking(move || store::SledStore::open(&store_path))
-                .await
-                .map_err(|e| ControllerError::DataDir {
-                    path: data_dir.display().to_string(),
-                    source: std::io::Error::other(e),
-                })??,
-        );
+        let store: Arc<dyn store::Store> =
+            Arc::new(tokio::task::spawn_blocking(move || store::SledStore::open(&store_path)).await.map_err(
+                |e| ControllerError::DataDir { path: data_dir.display().to_string(), source: std::io::Error::other(e) },
+            )??);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(|source| ControllerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| ControllerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        Ok(Self {
-            listener,
-            local_addr,
-            store,
-            tls,
-            config: Arc::new(config),
-        })
+            .map_err(|source| ControllerError::Bind { addr: config.listen, source })?;
+        let local_addr =
+            listener.local_addr().map_err(|source| ControllerError::Bind { addr: config.listen, source })?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ControllerError::Bind { addr, source })?;
+                let bound = l.local_addr().map_err(|source| ControllerError::Bind { addr, source })?;
+                Some((l, bound))
+            }
+            None => None,
+        };
+        Ok(Self { listener, local_addr, metrics_listener, metrics_tls, store, tls, config: Arc::new(config) })
     }
 
     /// The bound address (useful when listening on port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound metrics address, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, a)| *a)
     }
 
     /// Serves until `shutdown` is cancelled, then drains: streams are closed,

@@ -21,6 +21,7 @@ pub fn incoming(
     max_handshakes: usize,
     cancel: CancellationToken,
     tracker: &TaskTracker,
+    refused: prometheus::IntCounter,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(max_handshakes);
     let acceptor = TlsAcceptor::from(tls);
@@ -47,6 +48,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let refused = refused.clone();
             handshakes.spawn(async move {
                 let _permit = permit;
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -54,9 +56,11 @@ pub fn incoming(
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(error)) => {
+                        refused.inc();
                         tracing::warn!(%peer, reason = %flotilla_common::tls::explain_handshake_error(&error), "TLS handshake refused");
                     }
                     Err(_) => {
+                        refused.inc();
                         tracing::warn!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake refused: not completed in time");
                     }
                 }

@@ -19,6 +19,9 @@ struct Args {
     /// Address to listen on for agents and operators (mTLS gRPC).
     #[arg(long, env = "FLOTILLA_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Address of the HTTPS (mTLS) /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "FLOTILLA_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Directory of the sled store.
     #[arg(long, env = "FLOTILLA_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     flotilla_common::tls::install_crypto_provider();
     let overrides = Overrides {
         listen: args.listen,
+        metrics_listen: args.metrics_listen,
         data_dir: args.data_dir,
         ca: args.ca,
         cert: args.cert,

@@ -22,6 +22,15 @@ pub struct Session {
     pub heartbeat_interval: Duration,
     /// Cancelled to close the stream (replaced, timed out, shutting down).
     pub cancel: CancellationToken,
+    /// Messages for the agent, sent down its stream.
+    pub downlink: tokio::sync::mpsc::Sender<Downlink>,
+}
+
+/// A message the controller sends down an agent's stream (besides acks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Downlink {
+    /// Inject a fault into the agent's simulated GPUs.
+    InjectFault { fault: flotilla_common::model::SimFault, gpu: Option<u32> },
 }
 
 /// The registry of live sessions; cheap to clone.
@@ -40,9 +49,7 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the map half-updated
         // (every operation is a single insert/remove), so poison is safe to clear.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers a new session for `node`, closing the one it replaces, if any.
@@ -52,6 +59,7 @@ impl Registry {
         peer: Option<SocketAddr>,
         heartbeat_interval: Duration,
         parent: &CancellationToken,
+        downlink: tokio::sync::mpsc::Sender<Downlink>,
     ) -> Session {
         let mut inner = self.lock();
         inner.next_id += 1;
@@ -63,6 +71,7 @@ impl Registry {
             last_heard: now,
             heartbeat_interval,
             cancel: parent.child_token(),
+            downlink,
         };
         if let Some(old) = inner.sessions.insert(node.clone(), session.clone()) {
             tracing::info!(node_id = %node, old_peer = ?old.peer, "agent reconnected; closing its previous stream");
@@ -100,9 +109,7 @@ impl Registry {
             .sessions
             .iter()
             .filter(|(_, s)| !s.cancel.is_cancelled())
-            .filter(|(_, s)| {
-                now.saturating_duration_since(s.last_heard) > s.heartbeat_interval * missed
-            })
+            .filter(|(_, s)| now.saturating_duration_since(s.last_heard) > s.heartbeat_interval * missed)
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect()
     }
@@ -137,10 +144,7 @@ pub fn node_state(
     };
     let silent = now.saturating_duration_since(session.last_heard);
     if silent > session.heartbeat_interval * missed {
-        return (
-            NodeState::Down,
-            format!("no heartbeat for {}s", silent.as_secs()),
-        );
+        return (NodeState::Down, format!("no heartbeat for {}s", silent.as_secs()));
     }
     let failing: Vec<String> = latest
         .into_iter()
@@ -169,37 +173,24 @@ mod tests {
         let n = node("a");
         assert_eq!(node_state(None, None, Instant::now(), 3).0, NodeState::Down);
 
-        let s = reg.open(&n, None, Duration::from_secs(1), &root);
-        assert_eq!(
-            node_state(Some(&s), None, Instant::now(), 3).0,
-            NodeState::Up
-        );
+        let s = reg.open(&n, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0);
+        assert_eq!(node_state(Some(&s), None, Instant::now(), 3).0, NodeState::Up);
 
         let mut bad = TelemetryBatch::default();
-        bad.collectors.push(CollectorStatus {
-            name: "gpu".into(),
-            healthy: false,
-            error: "nvml".into(),
-        });
+        bad.collectors.push(CollectorStatus { name: "gpu".into(), healthy: false, error: "nvml".into() });
         let (state, reason) = node_state(Some(&s), Some(&bad), Instant::now(), 3);
         assert_eq!(state, NodeState::Degraded);
         assert!(reason.contains("gpu"));
 
         tokio::time::advance(Duration::from_millis(3100)).await;
         let s = reg.session(&n).unwrap();
-        assert_eq!(
-            node_state(Some(&s), None, Instant::now(), 3).0,
-            NodeState::Down
-        );
+        assert_eq!(node_state(Some(&s), None, Instant::now(), 3).0, NodeState::Down);
         assert_eq!(reg.expired(Instant::now(), 3).len(), 1);
         reg.touch(&n, s.id);
         assert!(reg.expired(Instant::now(), 3).is_empty());
         tokio::time::advance(Duration::from_millis(3100)).await;
         s.cancel.cancel();
-        assert!(
-            reg.expired(Instant::now(), 3).is_empty(),
-            "a stream already being closed is not reported again"
-        );
+        assert!(reg.expired(Instant::now(), 3).is_empty(), "a stream already being closed is not reported again");
     }
 
     #[tokio::test]
@@ -207,13 +198,10 @@ mod tests {
         let reg = Registry::default();
         let root = CancellationToken::new();
         let n = node("a");
-        let old = reg.open(&n, None, Duration::from_secs(1), &root);
-        let new = reg.open(&n, None, Duration::from_secs(1), &root);
+        let old = reg.open(&n, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0);
+        let new = reg.open(&n, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0);
         assert!(old.cancel.is_cancelled());
-        assert!(
-            reg.close(&n, old.id).is_none(),
-            "the old stream's cleanup must not remove the new session"
-        );
+        assert!(reg.close(&n, old.id).is_none(), "the old stream's cleanup must not remove the new session");
         assert_eq!(reg.session(&n).unwrap().id, new.id);
         assert!(reg.close(&n, new.id).is_some());
         assert!(reg.is_empty());

@@ -15,25 +15,25 @@ use crate::{Controller, ControllerError, ingest, liveness, registry::Registry};
 /// How long in-flight work may take to finish after shutdown starts.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
-pub async fn serve(
-    controller: Controller,
-    shutdown: CancellationToken,
-) -> Result<(), ControllerError> {
-    let Controller {
-        listener,
-        local_addr,
-        store,
-        tls,
-        config,
-    } = controller;
+pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Result<(), ControllerError> {
+    let Controller { listener, local_addr, metrics_listener, metrics_tls, store, tls, config } = controller;
     let tracker = TaskTracker::new();
     // Streams and background loops stop on `work`; the committer stops last, on
     // `commit`, so that batches received before shutdown are still acknowledged.
     let work = shutdown.child_token();
     let commit = CancellationToken::new();
     let registry = Registry::default();
+    let metrics = crate::metrics::Metrics::new();
+    let view = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || crate::fleetview::FleetView::load(store.as_ref()))
+            .await
+            .map_err(|e| ControllerError::Reflection(format!("loading the fleet view: {e}")))??
+    };
     let committer = ingest::spawn(
         store.clone(),
+        view.clone(),
+        metrics.clone(),
         config.telemetry.commit_queue,
         config.telemetry.max_commit_group,
         commit.clone(),
@@ -43,6 +43,7 @@ pub async fn serve(
         store: store.clone(),
         registry: registry.clone(),
         committer,
+        view: view.clone(),
         config: config.clone(),
         shutdown: work.clone(),
         tracker: tracker.clone(),
@@ -54,11 +55,7 @@ pub async fn serve(
         Duration::from_millis(250),
         work.clone(),
     ));
-    tracker.spawn(prune_loop(
-        store.clone(),
-        config.telemetry.retention,
-        work.clone(),
-    ));
+    tracker.spawn(prune_loop(store.clone(), config.telemetry.retention, work.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -69,12 +66,9 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection = reflection_builder()
-        .build_v1()
-        .map_err(|e| ControllerError::Reflection(e.to_string()))?;
-    let reflection_alpha = reflection_builder()
-        .build_v1alpha()
-        .map_err(|e| ControllerError::Reflection(e.to_string()))?;
+    let reflection = reflection_builder().build_v1().map_err(|e| ControllerError::Reflection(e.to_string()))?;
+    let reflection_alpha =
+        reflection_builder().build_v1alpha().map_err(|e| ControllerError::Reflection(e.to_string()))?;
 
     let max = config.limits.max_message_bytes;
     let incoming = crate::listener::incoming(
@@ -84,8 +78,20 @@ pub async fn serve(
         config.limits.max_concurrent_handshakes,
         work.clone(),
         &tracker,
+        metrics.handshakes_refused.clone(),
     );
-    tracing::info!(%local_addr, data_dir = %config.data_dir.display(), "controller listening (mTLS)");
+    let metrics_addr = metrics_listener.as_ref().map(|(_, a)| a.to_string()).unwrap_or_else(|| "off".into());
+    if let Some((listener, _)) = metrics_listener {
+        let exporter = crate::exporter::Exporter {
+            view,
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            missed_heartbeats: config.agents.missed_heartbeats,
+            store: store.clone(),
+        };
+        tracker.spawn(crate::exporter::http::serve(listener, metrics_tls, exporter, work.clone(), tracker.clone()));
+    }
+    tracing::info!(%local_addr, %metrics_addr, data_dir = %config.data_dir.display(), "controller listening (mTLS)");
 
     let served = tonic::transport::Server::builder()
         // Why each setting: keepalives find dead peers behind NAT; the timeout
@@ -103,11 +109,7 @@ pub async fn serve(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(
-            FleetServer::new(FleetApi::new(ctx))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
+        .add_service(FleetServer::new(FleetApi::new(ctx)).max_decoding_message_size(max).max_encoding_message_size(max))
         .serve_with_incoming_shutdown(incoming, work.clone().cancelled_owned())
         .await;
 
@@ -116,29 +118,21 @@ pub async fn serve(
     work.cancel();
     commit.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN_GRACE, tracker.wait()).await.is_err() {
         tracing::warn!("some tasks did not finish within the shutdown grace period");
     }
     tracing::info!("controller stopped");
     served.map_err(ControllerError::from)
 }
 
-async fn prune_loop(
-    store: Arc<dyn crate::store::Store>,
-    retention: Duration,
-    cancel: CancellationToken,
-) {
+async fn prune_loop(store: Arc<dyn crate::store::Store>, retention: Duration, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = cancel.cancelled() => return,
         }
-        let cutoff = flotilla_common::time::now_unix_ms()
-            - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = flotilla_common::time::now_unix_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let store = store.clone();
         match tokio::task::spawn_blocking(move || store.prune_batches(cutoff)).await {
             Ok(Ok(0)) => {}

@@ -10,6 +10,7 @@ pub struct Context {
     pub store: std::sync::Arc<dyn crate::store::Store>,
     pub registry: crate::registry::Registry,
     pub committer: crate::ingest::Committer,
+    pub view: crate::fleetview::FleetView,
     pub config: std::sync::Arc<crate::config::Config>,
     pub shutdown: tokio_util::sync::CancellationToken,
     pub tracker: tokio_util::task::TaskTracker,
@@ -32,15 +33,11 @@ where
         Ok(Ok(v)) => Ok(v),
         Ok(Err(error)) => {
             tracing::error!(%error, what, "store error");
-            Err(tonic::Status::internal(format!(
-                "{what} failed; see the controller log"
-            )))
+            Err(tonic::Status::internal(format!("{what} failed; see the controller log")))
         }
         Err(error) => {
             tracing::error!(%error, what, "store task failed");
-            Err(tonic::Status::internal(format!(
-                "{what} failed; see the controller log"
-            )))
+            Err(tonic::Status::internal(format!("{what} failed; see the controller log")))
         }
     }
 }

@@ -44,11 +44,7 @@ pub enum StoreError {
     #[error(
         "store at {path} has schema version {found}; this controller understands up to {supported}: upgrade the controller"
     )]
-    SchemaTooNew {
-        path: String,
-        found: u32,
-        supported: u32,
-    },
+    SchemaTooNew { path: String, found: u32, supported: u32 },
     #[error("store: corrupt value under {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -73,19 +69,13 @@ pub trait Store: Send + Sync + 'static {
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     /// Stores the batches not already stored (by node and seq) and flushes once
     /// for all of them (group commit). The result is in input order.
-    fn commit_batches(
-        &self,
-        batches: &[(NodeId, TelemetryBatch)],
-    ) -> Result<Vec<Committed>, StoreError>;
+    fn commit_batches(&self, batches: &[(NodeId, TelemetryBatch)]) -> Result<Vec<Committed>, StoreError>;
     /// The batch of `node` with the highest seq.
     fn latest_batch(&self, node: &NodeId) -> Result<Option<TelemetryBatch>, StoreError>;
     /// Batches of `node` with seq ≥ `from_seq`, in seq order, at most `limit`.
-    fn batches(
-        &self,
-        node: &NodeId,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<TelemetryBatch>, StoreError>;
+    fn batches(&self, node: &NodeId, from_seq: u64, limit: usize) -> Result<Vec<TelemetryBatch>, StoreError>;
+    /// Bytes the store occupies on disk (0 if unknown).
+    fn size_on_disk(&self) -> u64;
     /// Deletes batches made before `cutoff_unix_ms`; returns how many.
     fn prune_batches(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError>;
 }

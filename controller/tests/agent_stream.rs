@@ -1,6 +1,9 @@
 //! Tier 2: the controller in-process on 127.0.0.1:0 with a temp-dir store,
 //! driven by the generated clients over real mTLS.
 
+// Helpers here fail the test on setup errors, as the #[test] bodies do.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use flotilla_common::pki::{self, CaInit};
@@ -42,14 +45,7 @@ async fn start() -> Running {
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move { controller.serve(token).await.unwrap() });
-    Running {
-        _dir: dir,
-        pki: pki_dir,
-        data,
-        url,
-        stop,
-        task,
-    }
+    Running { _dir: dir, pki: pki_dir, data, url, stop, task }
 }
 
 impl Running {
@@ -62,11 +58,7 @@ impl Running {
     }
 
     async fn channel(&self, identity: &Identity) -> tonic::transport::Channel {
-        flotilla_common::client::endpoint(&self.url, &self.tls(identity))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        flotilla_common::client::endpoint(&self.url, &self.tls(identity)).unwrap().connect().await.unwrap()
     }
 
     /// Opens an agent stream and returns it after the welcome.
@@ -74,37 +66,21 @@ impl Running {
         &self,
         node: &str,
         heartbeat_ms: u32,
-    ) -> (
-        mpsc::Sender<pb::AgentMessage>,
-        tonic::Streaming<pb::ControllerMessage>,
-        pb::Welcome,
-    ) {
-        let channel = self
-            .channel(&Identity::Node(NodeId::new(node).unwrap()))
-            .await;
+    ) -> (mpsc::Sender<pb::AgentMessage>, tonic::Streaming<pb::ControllerMessage>, pb::Welcome) {
+        let channel = self.channel(&Identity::Node(NodeId::new(node).unwrap())).await;
         let (tx, rx) = mpsc::channel(16);
         tx.send(pb::AgentMessage {
             body: Some(Up::Hello(pb::Hello {
                 protocol_version: flotilla_proto::PROTOCOL_VERSION,
                 node_id: node.into(),
-                inventory: Some(pb::Inventory {
-                    hostname: node.into(),
-                    ..Default::default()
-                }),
+                inventory: Some(pb::Inventory { hostname: node.into(), ..Default::default() }),
                 heartbeat_interval_ms: heartbeat_ms,
             })),
         })
         .await
         .unwrap();
-        let mut inbound = AgentServiceClient::new(channel)
-            .connect(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(pb::ControllerMessage {
-            body: Some(Down::Welcome(w)),
-        }) = inbound.message().await.unwrap()
-        else {
+        let mut inbound = AgentServiceClient::new(channel).connect(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let Some(pb::ControllerMessage { body: Some(Down::Welcome(w)) }) = inbound.message().await.unwrap() else {
             panic!("no welcome")
         };
         (tx, inbound, w)
@@ -131,9 +107,7 @@ fn batch(seq: u64) -> pb::AgentMessage {
 async fn next_ack(inbound: &mut tonic::Streaming<pb::ControllerMessage>) -> Vec<u64> {
     loop {
         match inbound.message().await.unwrap() {
-            Some(pb::ControllerMessage {
-                body: Some(Down::Ack(a)),
-            }) => return a.seqs,
+            Some(pb::ControllerMessage { body: Some(Down::Ack(a)) }) => return a.seqs,
             Some(_) => continue,
             None => panic!("stream ended"),
         }
@@ -156,10 +130,7 @@ async fn resent_batches_are_acked_again_and_stored_once() {
 
     // The agent lost the acks and resends 2, then continues with 3.
     let (tx, mut inbound, welcome) = c.agent("n1", 1000).await;
-    assert_eq!(
-        welcome.last_stored_seq, 2,
-        "the welcome tells what is already stored"
-    );
+    assert_eq!(welcome.last_stored_seq, 2, "the welcome tells what is already stored");
     tx.send(batch(2)).await.unwrap();
     tx.send(batch(3)).await.unwrap();
     let mut acked = Vec::new();
@@ -171,12 +142,7 @@ async fn resent_batches_are_acked_again_and_stored_once() {
 
     let (_dir, data) = c.shutdown().await;
     let store = SledStore::open(&data.join("store")).unwrap();
-    let seqs: Vec<u64> = store
-        .batches(&NodeId::new("n1").unwrap(), 0, 100)
-        .unwrap()
-        .iter()
-        .map(|b| b.seq)
-        .collect();
+    let seqs: Vec<u64> = store.batches(&NodeId::new("n1").unwrap(), 0, 100).unwrap().iter().map(|b| b.seq).collect();
     assert_eq!(seqs, [1, 2, 3]);
 }
 
@@ -219,26 +185,14 @@ async fn a_silent_agent_is_cut_off() {
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let c = start().await;
-    let admin = Identity::Operator {
-        name: "admin".into(),
-        role: Role::Admin,
-    };
+    let admin = Identity::Operator { name: "admin".into(), role: Role::Admin };
     let channel = c.channel(&admin).await;
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["", "flotilla.v1.Fleet", "flotilla.v1.AgentService"] {
-        let resp = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            resp.status(),
-            tonic_health::pb::health_check_response::ServingStatus::Serving,
-            "{service:?}"
-        );
+        let resp =
+            health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(resp.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service:?}");
     }
 
     use tonic_reflection::pb::v1::{
@@ -250,27 +204,12 @@ async fn health_and_reflection_are_served() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = reflection
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(resp) = stream.message().await.unwrap() else {
-        panic!("no reflection answer")
-    };
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("{resp:?}")
-    };
+    let mut stream = reflection.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let Some(resp) = stream.message().await.unwrap() else { panic!("no reflection answer") };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "flotilla.v1.Fleet",
-        "flotilla.v1.AgentService",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "{want} missing from {names:?}"
-        );
+    for want in ["flotilla.v1.Fleet", "flotilla.v1.AgentService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     c.shutdown().await;
 }

@@ -66,6 +66,23 @@ pub enum Command {
     Context(ContextCmd),
     /// Run a local fleet (controller + agents with simulated GPUs) in this process.
     Demo(DemoArgs),
+    /// Simulated GPUs (demo and labs): inject faults.
+    #[command(subcommand)]
+    Sim(SimCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SimCmd {
+    /// Inject a fault into a simulated node's GPUs: overheat, memory-creep, xid=CODE, gpu-lost, clear.
+    Inject {
+        /// Node id.
+        node: String,
+        /// overheat | memory-creep | xid=CODE | gpu-lost | clear
+        fault: String,
+        /// Only this GPU (index); default every GPU of the node.
+        #[arg(long)]
+        gpu: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,7 +177,7 @@ pub struct DemoArgs {
     /// Controller listen address.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
-    /// Fleet-wide Prometheus /metrics address (served once the telemetry exporter lands).
+    /// Serve the fleet-wide Prometheus /metrics (mTLS) on this address, e.g. 127.0.0.1:9443.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
     /// Telemetry interval of the demo agents.

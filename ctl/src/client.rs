@@ -38,10 +38,8 @@ pub fn status_error(what: &str, status: &tonic::Status) -> anyhow::Error {
         }
         source = cause.source();
     }
-    let hint = if matches!(
-        status.code(),
-        Code::Unknown | Code::Cancelled | Code::Unavailable
-    ) && detail.contains("transport error")
+    let hint = if matches!(status.code(), Code::Unknown | Code::Cancelled | Code::Unavailable)
+        && detail.contains("transport error")
     {
         " (the controller closed the connection; if it persists, check that --cert and --key were issued by this fleet's CA: the controller logs the reason)"
     } else {
@@ -52,6 +50,5 @@ pub fn status_error(what: &str, status: &tonic::Status) -> anyhow::Error {
 
 /// Unwraps a response, naming the call on failure.
 pub fn call<T>(what: &str, r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
-    r.map(tonic::Response::into_inner)
-        .map_err(|s| status_error(what, &s))
+    r.map(tonic::Response::into_inner).map_err(|s| status_error(what, &s))
 }

@@ -3,6 +3,7 @@
 mod context;
 mod nodes;
 mod pki;
+mod sim;
 
 use crate::cli::{Cli, Command};
 use crate::context::{CtlConfig, Env};
@@ -14,6 +15,10 @@ pub async fn dispatch(cli: Cli, env: Env) -> anyhow::Result<()> {
         Command::Nodes(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
             nodes::run(cmd, &conn).await
+        }
+        Command::Sim(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            sim::run(cmd, &conn).await
         }
         Command::Ca(cmd) => pki::ca(cmd),
         Command::Cert(cmd) => pki::cert(cmd),

@@ -92,10 +92,7 @@ impl CtlConfig {
             })?),
             None => None,
         };
-        let pick = |flag: &Option<PathBuf>,
-                    from_ctx: Option<&PathBuf>,
-                    what: &str|
-         -> anyhow::Result<PathBuf> {
+        let pick = |flag: &Option<PathBuf>, from_ctx: Option<&PathBuf>, what: &str| -> anyhow::Result<PathBuf> {
             flag.clone().or_else(|| from_ctx.cloned()).ok_or_else(|| {
                 UsageError(format!(
                     "no {what} given: pass --{what} or select a context (`flotctl context use NAME`; `flotctl demo` creates one named demo)"
@@ -132,18 +129,10 @@ mod tests {
         let mut cfg = CtlConfig::default();
         cfg.contexts.insert(
             "a".into(),
-            Context {
-                controller: "https://a:1".into(),
-                ca: "ca".into(),
-                cert: "c".into(),
-                key: "k".into(),
-            },
+            Context { controller: "https://a:1".into(), ca: "ca".into(), cert: "c".into(), key: "k".into() },
         );
         cfg.current = Some("a".into());
-        let conn = ConnArgs {
-            controller: Some("https://b:2".into()),
-            ..Default::default()
-        };
+        let conn = ConnArgs { controller: Some("https://b:2".into()), ..Default::default() };
         let r = cfg.resolve(&conn, Path::new("x")).unwrap();
         assert_eq!(r.controller, "https://b:2");
         assert_eq!(r.tls.ca, PathBuf::from("ca"));
@@ -151,9 +140,7 @@ mod tests {
 
     #[test]
     fn missing_settings_are_usage_errors() {
-        let err = CtlConfig::default()
-            .resolve(&ConnArgs::default(), Path::new("x"))
-            .unwrap_err();
+        let err = CtlConfig::default().resolve(&ConnArgs::default(), Path::new("x")).unwrap_err();
         assert!(err.downcast_ref::<UsageError>().is_some());
     }
 
@@ -161,18 +148,10 @@ mod tests {
     fn round_trips_through_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f/config.toml");
-        let mut cfg = CtlConfig {
-            current: Some("demo".into()),
-            ..Default::default()
-        };
+        let mut cfg = CtlConfig { current: Some("demo".into()), ..Default::default() };
         cfg.contexts.insert(
             "demo".into(),
-            Context {
-                controller: "https://127.0.0.1:1".into(),
-                ca: "a".into(),
-                cert: "b".into(),
-                key: "c".into(),
-            },
+            Context { controller: "https://127.0.0.1:1".into(), ca: "a".into(), cert: "b".into(), key: "c".into() },
         );
         cfg.save(&path).unwrap();
         let back = CtlConfig::load(&path).unwrap();

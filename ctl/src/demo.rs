@@ -20,38 +20,32 @@ pub async fn run(args: DemoArgs, ctl_config: &Path) -> anyhow::Result<()> {
     let (dir, _temp) = match &args.data_dir {
         Some(d) => (d.clone(), None),
         None => {
-            let t = tempfile::Builder::new()
-                .prefix("flotilla-demo-")
-                .tempdir()
-                .context("create a temporary data dir")?;
+            let t =
+                tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("create a temporary data dir")?;
             (t.path().to_owned(), Some(t))
         }
     };
     let pki_dir = dir.join("pki");
-    let nodes: Vec<NodeId> = (1..=args.agents)
-        .map(|i| NodeId::new(format!("demo-{i:02}")))
-        .collect::<Result<_, _>>()?;
+    let nodes: Vec<NodeId> =
+        (1..=args.agents).map(|i| NodeId::new(format!("demo-{i:02}"))).collect::<Result<_, _>>()?;
     prepare_pki(&pki_dir, &nodes)?;
 
     let controller_config = flotilla_controller::Config {
         listen: args.listen,
         data_dir: dir.join("controller"),
         tls: TlsFiles::from_pki_dir(&pki_dir, &pki::leaf_paths(&pki_dir, &Identity::Controller)),
+        metrics_listen: args.metrics_listen,
         ..Default::default()
     };
-    let controller = flotilla_controller::Controller::bind(controller_config)
-        .await
-        .with_context(|| format!("start the demo controller on {} (is another demo running? pass --listen 127.0.0.1:0)", args.listen))?;
+    let controller = flotilla_controller::Controller::bind(controller_config).await.with_context(|| {
+        format!("start the demo controller on {} (is another demo running? pass --listen 127.0.0.1:0)", args.listen)
+    })?;
     let addr = controller.local_addr();
+    let metrics_addr = controller.metrics_addr();
     let url = format!("https://127.0.0.1:{}", addr.port());
 
-    let admin = pki::leaf_paths(
-        &pki_dir,
-        &Identity::Operator {
-            name: "admin".into(),
-            role: flotilla_common::Role::Admin,
-        },
-    );
+    let admin =
+        pki::leaf_paths(&pki_dir, &Identity::Operator { name: "admin".into(), role: flotilla_common::Role::Admin });
     write_context(ctl_config, &url, &pki_dir, &admin)?;
 
     let shutdown = flotilla_common::shutdown::on_signal();
@@ -82,25 +76,20 @@ pub async fn run(args: DemoArgs, ctl_config: &Path) -> anyhow::Result<()> {
         "Flotilla demo running: controller at {url}, {} agents × {} simulated GPUs.",
         args.agents, args.gpus_per_agent
     );
-    println!(
-        "Data dir: {}{}",
-        dir.display(),
-        if args.data_dir.is_none() {
-            " (removed at exit)"
-        } else {
-            ""
-        }
-    );
-    println!(
-        "The flotctl context 'demo' is now current ({}). Try, in another terminal:",
-        ctl_config.display()
-    );
+    println!("Data dir: {}{}", dir.display(), if args.data_dir.is_none() { " (removed at exit)" } else { "" });
+    println!("The flotctl context 'demo' is now current ({}). Try, in another terminal:", ctl_config.display());
     println!("  flotctl nodes ls");
     println!("  flotctl nodes show demo-01");
     println!("  flotctl nodes ls -o json");
-    if let Some(m) = args.metrics_listen {
+    println!("  flotctl sim inject demo-01 overheat --gpu 0");
+    if let Some(m) = metrics_addr {
         println!(
-            "Note: --metrics-listen {m} is reserved for the fleet /metrics exporter, which this build does not serve yet."
+            "Fleet metrics (mTLS, scrape with the admin certificate): https://127.0.0.1:{}/metrics, e.g.\n  curl --cacert {ca} --cert {cert} --key {key} https://127.0.0.1:{}/metrics",
+            m.port(),
+            m.port(),
+            ca = pki::ca_cert_path(&pki_dir).display(),
+            cert = admin.cert.display(),
+            key = admin.key.display(),
         );
     }
     println!("Press Ctrl-C to stop.");
@@ -129,20 +118,11 @@ fn prepare_pki(pki_dir: &Path, nodes: &[NodeId]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent_config(
-    args: &DemoArgs,
-    dir: &Path,
-    pki_dir: &Path,
-    node: &NodeId,
-    url: &str,
-) -> flotilla_agent::Config {
+fn agent_config(args: &DemoArgs, dir: &Path, pki_dir: &Path, node: &NodeId, url: &str) -> flotilla_agent::Config {
     let mut c = flotilla_agent::Config {
         controller: url.to_owned(),
         node_id: Some(node.clone()),
-        tls: TlsFiles::from_pki_dir(
-            pki_dir,
-            &pki::leaf_paths(pki_dir, &Identity::Node(node.clone())),
-        ),
+        tls: TlsFiles::from_pki_dir(pki_dir, &pki::leaf_paths(pki_dir, &Identity::Node(node.clone()))),
         data_dir: dir.join("agents").join(node.as_str()),
         interval: args.interval,
         ..Default::default()
@@ -153,18 +133,9 @@ fn agent_config(
     c
 }
 
-fn write_context(
-    path: &Path,
-    url: &str,
-    pki_dir: &Path,
-    admin: &pki::CertPaths,
-) -> anyhow::Result<()> {
+fn write_context(path: &Path, url: &str, pki_dir: &Path, admin: &pki::CertPaths) -> anyhow::Result<()> {
     let abs = |p: &Path| -> anyhow::Result<PathBuf> {
-        Ok(if p.is_absolute() {
-            p.to_owned()
-        } else {
-            std::env::current_dir()?.join(p)
-        })
+        Ok(if p.is_absolute() { p.to_owned() } else { std::env::current_dir()?.join(p) })
     };
     let mut config = CtlConfig::load(path)?;
     config.contexts.insert(
@@ -177,7 +148,5 @@ fn write_context(
         },
     );
     config.current = Some("demo".into());
-    config
-        .save(path)
-        .with_context(|| format!("write the demo context to {}", path.display()))
+    config.save(path).with_context(|| format!("write the demo context to {}", path.display()))
 }

@@ -32,9 +32,7 @@ pub fn main_with(args: cli::Cli, env: context::Env) -> ExitCode {
         Err(error) => {
             eprintln!("flotctl: {}", render(&error));
             if error.downcast_ref::<UsageError>().is_some()
-                || error
-                    .downcast_ref::<flotilla_common::config::ConfigError>()
-                    .is_some()
+                || error.downcast_ref::<flotilla_common::config::ConfigError>().is_some()
             {
                 ExitCode::from(64)
             } else {

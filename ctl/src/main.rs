@@ -9,11 +9,7 @@ use flotilla_ctl::context::Env;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     flotilla_common::tls::install_crypto_provider();
-    let default_filter = if matches!(cli.command, flotilla_ctl::cli::Command::Demo(_)) {
-        "info"
-    } else {
-        "warn"
-    };
+    let default_filter = if matches!(cli.command, flotilla_ctl::cli::Command::Demo(_)) { "info" } else { "warn" };
     flotilla_common::logging::init(flotilla_common::logging::LogFormat::Text, default_filter);
     let env = Env {
         config_path: Env::default_config_path(

@@ -10,11 +10,7 @@ use serde::Serialize;
 use crate::cli::Format;
 
 /// Prints `value` as JSON or YAML, or calls `table` for the table format.
-pub fn print<T: Serialize>(
-    format: Format,
-    value: &T,
-    table: impl FnOnce(&T) -> String,
-) -> anyhow::Result<()> {
+pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
         Format::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
@@ -109,9 +105,7 @@ impl NodeView {
                     index: g.index,
                     uuid: g.uuid.clone(),
                     model: g.model.clone(),
-                    memory_total_bytes: s
-                        .and_then(|s| s.memory_total_bytes)
-                        .unwrap_or(g.memory_total_bytes),
+                    memory_total_bytes: s.and_then(|s| s.memory_total_bytes).unwrap_or(g.memory_total_bytes),
                     memory_used_bytes: s.and_then(|s| s.memory_used_bytes),
                     utilization_ratio: s.and_then(|s| s.utilization_ratio),
                     temperature_celsius: s.and_then(|s| s.temperature_celsius),
@@ -123,10 +117,7 @@ impl NodeView {
             .collect();
         let utils: Vec<f64> = gpus.iter().filter_map(|g| g.utilization_ratio).collect();
         let mean = (!utils.is_empty()).then(|| utils.iter().sum::<f64>() / utils.len() as f64);
-        let max_temp = gpus
-            .iter()
-            .filter_map(|g| g.temperature_celsius)
-            .reduce(f64::max);
+        let max_temp = gpus.iter().filter_map(|g| g.temperature_celsius).reduce(f64::max);
         let host = detail.then(|| {
             let h = latest.host.clone();
             HostView {
@@ -197,11 +188,7 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }
 
 /// `42%` or `-`.

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use flotilla_common::model::{
-    CollectorStatus, FilesystemSample, GpuInfo, GpuProcess, GpuSample, GpuSourceKind, HostSample,
-    Inventory, NetworkSample, NodeState, Sample, TelemetryBatch, XidCount,
+    CollectorStatus, FilesystemSample, GpuInfo, GpuProcess, GpuSample, GpuSourceKind, HostSample, Inventory,
+    NetworkSample, NodeState, Sample, TelemetryBatch, XidCount,
 };
 
 use crate::pb;
@@ -25,13 +25,8 @@ pub struct Limits {
 
 impl Limits {
     /// The limits the controller enforces (announced to agents in `Welcome`).
-    pub const DEFAULT: Limits = Limits {
-        max_gpus: 64,
-        max_samples: 10_000,
-        max_list: 512,
-        max_labels: 64,
-        max_string: 256,
-    };
+    pub const DEFAULT: Limits =
+        Limits { max_gpus: 64, max_samples: 10_000, max_list: 512, max_labels: 64, max_string: 256 };
 }
 
 /// A wire message that does not satisfy the protocol.
@@ -43,32 +38,19 @@ pub struct WireError {
 }
 
 fn err(field: impl Into<String>, problem: impl Into<String>) -> WireError {
-    WireError {
-        field: field.into(),
-        problem: problem.into(),
-    }
+    WireError { field: field.into(), problem: problem.into() }
 }
 
 fn check_len(field: &str, len: usize, max: usize) -> Result<(), WireError> {
     if len > max {
-        return Err(err(
-            field,
-            format!("{len} entries; at most {max} are allowed"),
-        ));
+        return Err(err(field, format!("{len} entries; at most {max} are allowed")));
     }
     Ok(())
 }
 
 fn check_str(field: &str, s: &str, limits: &Limits) -> Result<(), WireError> {
     if s.len() > limits.max_string {
-        return Err(err(
-            field,
-            format!(
-                "{} bytes; at most {} are allowed",
-                s.len(),
-                limits.max_string
-            ),
-        ));
+        return Err(err(field, format!("{} bytes; at most {} are allowed", s.len(), limits.max_string)));
     }
     if s.chars().any(char::is_control) {
         return Err(err(field, "contains control characters"));
@@ -85,9 +67,7 @@ fn check_finite(field: &str, v: f64) -> Result<f64, WireError> {
 
 fn check_ratio(field: &str, v: Option<f64>) -> Result<Option<f64>, WireError> {
     match v {
-        Some(r) if !(0.0..=1.0).contains(&check_finite(field, r)?) => {
-            Err(err(field, format!("{r} is outside 0..=1")))
-        }
+        Some(r) if !(0.0..=1.0).contains(&check_finite(field, r)?) => Err(err(field, format!("{r} is outside 0..=1"))),
         other => Ok(other),
     }
 }
@@ -154,10 +134,7 @@ impl TryFrom<pb::Inventory> for Inventory {
             "simulated" => GpuSourceKind::Simulated,
             "none" | "" => GpuSourceKind::None,
             other => {
-                return Err(err(
-                    "inventory.gpu_source",
-                    format!("unknown source {other:?}"),
-                ));
+                return Err(err("inventory.gpu_source", format!("unknown source {other:?}")));
             }
         };
         Ok(Inventory {
@@ -225,20 +202,13 @@ impl TryFrom<pb::TelemetryBatch> for TelemetryBatch {
             return Err(err("telemetry.seq", "must be at least 1"));
         }
         if w.created_unix_ms <= 0 {
-            return Err(err(
-                "telemetry.created_unix_ms",
-                "must be a positive Unix time in ms",
-            ));
+            return Err(err("telemetry.created_unix_ms", "must be a positive Unix time in ms"));
         }
         check_len("telemetry.gpus", w.gpus.len(), l.max_gpus)?;
         check_len("telemetry.samples", w.samples.len(), l.max_samples)?;
         check_len("telemetry.collectors", w.collectors.len(), l.max_list)?;
         check_unique_indices("telemetry.gpus", w.gpus.iter().map(|g| g.index))?;
-        let gpus = w
-            .gpus
-            .into_iter()
-            .map(gpu_from_wire)
-            .collect::<Result<_, _>>()?;
+        let gpus = w.gpus.into_iter().map(gpu_from_wire).collect::<Result<_, _>>()?;
         let host = w.host.map(|h| host_from_wire(h, &l)).transpose()?;
         let mut samples = Vec::with_capacity(w.samples.len());
         for (i, s) in w.samples.into_iter().enumerate() {
@@ -255,26 +225,10 @@ impl TryFrom<pb::TelemetryBatch> for TelemetryBatch {
         for c in w.collectors {
             check_str("telemetry.collectors.name", &c.name, &l)?;
             // Error texts come from the agent's OS; keep them but bound their size.
-            let error: String = c
-                .error
-                .chars()
-                .filter(|ch| !ch.is_control())
-                .take(l.max_string)
-                .collect();
-            collectors.push(CollectorStatus {
-                name: c.name,
-                healthy: c.healthy,
-                error,
-            });
+            let error: String = c.error.chars().filter(|ch| !ch.is_control()).take(l.max_string).collect();
+            collectors.push(CollectorStatus { name: c.name, healthy: c.healthy, error });
         }
-        Ok(TelemetryBatch {
-            seq: w.seq,
-            created_unix_ms: w.created_unix_ms,
-            gpus,
-            host,
-            samples,
-            collectors,
-        })
+        Ok(TelemetryBatch { seq: w.seq, created_unix_ms: w.created_unix_ms, gpus, host, samples, collectors })
     }
 }
 
@@ -284,14 +238,8 @@ fn gpu_from_wire(g: pb::GpuSample) -> Result<GpuSample, WireError> {
     check_str(&f("uuid"), &g.uuid, &l)?;
     check_len(&f("xid_events"), g.xid_events.len(), l.max_list)?;
     check_len(&f("processes"), g.processes.len(), l.max_list)?;
-    let mut xid_events: Vec<XidCount> = g
-        .xid_events
-        .iter()
-        .map(|x| XidCount {
-            code: x.code,
-            count: x.count,
-        })
-        .collect();
+    let mut xid_events: Vec<XidCount> =
+        g.xid_events.iter().map(|x| XidCount { code: x.code, count: x.count }).collect();
     xid_events.sort_by_key(|x| x.code);
     if xid_events.windows(2).any(|w| w[0].code == w[1].code) {
         return Err(err(f("xid_events"), "an XID code appears twice"));
@@ -299,26 +247,16 @@ fn gpu_from_wire(g: pb::GpuSample) -> Result<GpuSample, WireError> {
     let mut processes = Vec::with_capacity(g.processes.len());
     for p in &g.processes {
         check_str(&f("processes.name"), &p.name, &l)?;
-        processes.push(GpuProcess {
-            pid: p.pid,
-            name: p.name.clone(),
-            used_memory_bytes: p.used_memory_bytes,
-        });
+        processes.push(GpuProcess { pid: p.pid, name: p.name.clone(), used_memory_bytes: p.used_memory_bytes });
     }
     if let (Some(used), Some(total)) = (g.memory_used_bytes, g.memory_total_bytes)
         && used > total
     {
-        return Err(err(
-            f("memory_used_bytes"),
-            format!("{used} exceeds memory_total_bytes {total}"),
-        ));
+        return Err(err(f("memory_used_bytes"), format!("{used} exceeds memory_total_bytes {total}")));
     }
     Ok(GpuSample {
         utilization_ratio: check_ratio(&f("utilization_ratio"), g.utilization_ratio)?,
-        memory_utilization_ratio: check_ratio(
-            &f("memory_utilization_ratio"),
-            g.memory_utilization_ratio,
-        )?,
+        memory_utilization_ratio: check_ratio(&f("memory_utilization_ratio"), g.memory_utilization_ratio)?,
         temperature_celsius: check_opt(&f("temperature_celsius"), g.temperature_celsius)?,
         power_watts: check_opt(&f("power_watts"), g.power_watts)?,
         power_limit_watts: check_opt(&f("power_limit_watts"), g.power_limit_watts)?,
@@ -329,20 +267,11 @@ fn gpu_from_wire(g: pb::GpuSample) -> Result<GpuSample, WireError> {
         sm_clock_mhz: g.sm_clock_mhz,
         memory_clock_mhz: g.memory_clock_mhz,
         memory_reserved_bytes: g.memory_reserved_bytes,
-        memory_temperature_celsius: check_opt(
-            &f("memory_temperature_celsius"),
-            g.memory_temperature_celsius,
-        )?,
+        memory_temperature_celsius: check_opt(&f("memory_temperature_celsius"), g.memory_temperature_celsius)?,
         energy_joules_total: check_opt(&f("energy_joules_total"), g.energy_joules_total)?,
         clock_event_reasons: g.clock_event_reasons,
-        pcie_rx_bytes_per_second: check_opt(
-            &f("pcie_rx_bytes_per_second"),
-            g.pcie_rx_bytes_per_second,
-        )?,
-        pcie_tx_bytes_per_second: check_opt(
-            &f("pcie_tx_bytes_per_second"),
-            g.pcie_tx_bytes_per_second,
-        )?,
+        pcie_rx_bytes_per_second: check_opt(&f("pcie_rx_bytes_per_second"), g.pcie_rx_bytes_per_second)?,
+        pcie_tx_bytes_per_second: check_opt(&f("pcie_tx_bytes_per_second"), g.pcie_tx_bytes_per_second)?,
         pcie_replay_total: g.pcie_replay_total,
         ecc_corrected_volatile_total: g.ecc_corrected_volatile_total,
         ecc_uncorrected_volatile_total: g.ecc_uncorrected_volatile_total,
@@ -360,11 +289,7 @@ fn gpu_from_wire(g: pb::GpuSample) -> Result<GpuSample, WireError> {
 }
 
 fn host_from_wire(h: pb::HostSample, l: &Limits) -> Result<HostSample, WireError> {
-    check_len(
-        "telemetry.host.filesystems",
-        h.filesystems.len(),
-        l.max_list,
-    )?;
+    check_len("telemetry.host.filesystems", h.filesystems.len(), l.max_list)?;
     check_len("telemetry.host.networks", h.networks.len(), l.max_list)?;
     let mut filesystems = Vec::with_capacity(h.filesystems.len());
     for fs in h.filesystems {
@@ -389,11 +314,8 @@ fn host_from_wire(h: pb::HostSample, l: &Limits) -> Result<HostSample, WireError
         });
     }
     Ok(HostSample {
-        cpu_utilization_ratio: check_ratio(
-            "telemetry.host.cpu_utilization_ratio",
-            Some(h.cpu_utilization_ratio),
-        )?
-        .unwrap_or_default(),
+        cpu_utilization_ratio: check_ratio("telemetry.host.cpu_utilization_ratio", Some(h.cpu_utilization_ratio))?
+            .unwrap_or_default(),
         load1: check_finite("telemetry.host.load1", h.load1)?,
         load5: check_finite("telemetry.host.load5", h.load5)?,
         load15: check_finite("telemetry.host.load15", h.load15)?,
@@ -416,20 +338,12 @@ impl From<TelemetryBatch> for pb::TelemetryBatch {
             samples: d
                 .samples
                 .into_iter()
-                .map(|s| pb::Sample {
-                    name: s.name,
-                    labels: s.labels.into_iter().collect(),
-                    value: s.value,
-                })
+                .map(|s| pb::Sample { name: s.name, labels: s.labels.into_iter().collect(), value: s.value })
                 .collect(),
             collectors: d
                 .collectors
                 .into_iter()
-                .map(|c| pb::CollectorStatus {
-                    name: c.name,
-                    healthy: c.healthy,
-                    error: c.error,
-                })
+                .map(|c| pb::CollectorStatus { name: c.name, healthy: c.healthy, error: c.error })
                 .collect(),
         }
     }
@@ -466,22 +380,11 @@ impl From<GpuSample> for pb::GpuSample {
             remapped_rows_failed: g.remapped_rows_failed,
             retired_pages_single_bit: g.retired_pages_single_bit,
             retired_pages_double_bit: g.retired_pages_double_bit,
-            xid_events: g
-                .xid_events
-                .into_iter()
-                .map(|x| pb::XidCount {
-                    code: x.code,
-                    count: x.count,
-                })
-                .collect(),
+            xid_events: g.xid_events.into_iter().map(|x| pb::XidCount { code: x.code, count: x.count }).collect(),
             processes: g
                 .processes
                 .into_iter()
-                .map(|p| pb::GpuProcess {
-                    pid: p.pid,
-                    name: p.name,
-                    used_memory_bytes: p.used_memory_bytes,
-                })
+                .map(|p| pb::GpuProcess { pid: p.pid, name: p.name, used_memory_bytes: p.used_memory_bytes })
                 .collect(),
         }
     }
@@ -565,58 +468,31 @@ mod tests {
                 temperature_celsius: Some(60.0),
                 ..Default::default()
             }],
-            host: Some(HostSample {
-                cpu_utilization_ratio: 0.2,
-                ..Default::default()
-            }),
-            samples: vec![Sample {
-                name: "x_total".into(),
-                labels: BTreeMap::new(),
-                value: 1.0,
-            }],
-            collectors: vec![CollectorStatus {
-                name: "gpu".into(),
-                healthy: true,
-                error: String::new(),
-            }],
+            host: Some(HostSample { cpu_utilization_ratio: 0.2, ..Default::default() }),
+            samples: vec![Sample { name: "x_total".into(), labels: BTreeMap::new(), value: 1.0 }],
+            collectors: vec![CollectorStatus { name: "gpu".into(), healthy: true, error: String::new() }],
         }
     }
 
     #[test]
     fn batch_round_trips() {
         let b = batch();
-        assert_eq!(
-            TelemetryBatch::try_from(pb::TelemetryBatch::from(b.clone())).unwrap(),
-            b
-        );
+        assert_eq!(TelemetryBatch::try_from(pb::TelemetryBatch::from(b.clone())).unwrap(), b);
     }
 
     #[test]
     fn invalid_batches_are_refused_with_the_field() {
         let mut w = pb::TelemetryBatch::from(batch());
         w.seq = 0;
-        assert_eq!(
-            TelemetryBatch::try_from(w).unwrap_err().field,
-            "telemetry.seq"
-        );
+        assert_eq!(TelemetryBatch::try_from(w).unwrap_err().field, "telemetry.seq");
 
         let mut w = pb::TelemetryBatch::from(batch());
         w.gpus[0].utilization_ratio = Some(f64::NAN);
-        assert!(
-            TelemetryBatch::try_from(w)
-                .unwrap_err()
-                .field
-                .contains("utilization_ratio")
-        );
+        assert!(TelemetryBatch::try_from(w).unwrap_err().field.contains("utilization_ratio"));
 
         let mut w = pb::TelemetryBatch::from(batch());
         w.gpus.push(w.gpus[0].clone());
-        assert!(
-            TelemetryBatch::try_from(w)
-                .unwrap_err()
-                .problem
-                .contains("twice")
-        );
+        assert!(TelemetryBatch::try_from(w).unwrap_err().problem.contains("twice"));
 
         let mut w = pb::TelemetryBatch::from(batch());
         w.gpus = vec![pb::GpuSample::default(); 65];

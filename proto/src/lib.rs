@@ -6,12 +6,7 @@
 
 /// Generated types and service stubs of package `flotilla.v1`.
 pub mod pb {
-    #![allow(
-        clippy::all,
-        clippy::pedantic,
-        clippy::unwrap_used,
-        clippy::expect_used
-    )]
+    #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
     tonic::include_proto!("flotilla.v1");
 }
 

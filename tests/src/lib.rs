@@ -24,10 +24,7 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// The path of a workspace binary built beside the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let mut dir = exe
-        .parent()
-        .expect("test executable has a directory")
-        .to_owned();
+    let mut dir = exe.parent().expect("test executable has a directory").to_owned();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -49,10 +46,7 @@ pub fn eventually<T>(what: &str, mut probe: impl FnMut(&mut String) -> Option<T>
         if let Some(v) = probe(&mut last) {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last observation: {last}"
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last observation: {last}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -67,9 +61,7 @@ impl Pki {
     /// Creates a CA under `dir`.
     pub fn new(dir: &Path) -> Self {
         pki::init_ca(dir, &CaInit::default()).expect("init CA");
-        Self {
-            dir: dir.to_owned(),
-        }
+        Self { dir: dir.to_owned() }
     }
 
     pub fn ca(&self) -> PathBuf {
@@ -88,13 +80,7 @@ impl Pki {
 
     /// The admin operator certificate `ca init` wrote.
     pub fn admin(&self) -> CertPaths {
-        pki::leaf_paths(
-            &self.dir,
-            &Identity::Operator {
-                name: "admin".into(),
-                role: Role::Admin,
-            },
-        )
+        pki::leaf_paths(&self.dir, &Identity::Operator { name: "admin".into(), role: Role::Admin })
     }
 
     pub fn controller(&self) -> CertPaths {
@@ -116,21 +102,12 @@ impl Proc {
     }
 
     fn spawn(mut cmd: Command, log: &Path) -> Self {
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("open log");
+        let file = fs::OpenOptions::new().create(true).append(true).open(log).expect("open log");
         let out = file.try_clone().expect("clone log handle");
-        cmd.stdout(Stdio::from(out))
-            .stderr(Stdio::from(file))
-            .stdin(Stdio::null());
+        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(file)).stdin(Stdio::null());
         cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Self {
-            child,
-            log: log.to_owned(),
-        }
+        Self { child, log: log.to_owned() }
     }
 
     /// The log so far.
@@ -204,6 +181,8 @@ fn signal(pid: u32, sig: i32) {
 pub struct Controller {
     pub proc: Proc,
     pub addr: String,
+    /// The HTTPS /metrics address, when started with metrics.
+    pub metrics_addr: Option<String>,
     pub data_dir: PathBuf,
     args: Vec<String>,
     log: PathBuf,
@@ -212,6 +191,15 @@ pub struct Controller {
 impl Controller {
     /// Starts a controller on a free loopback port with a store in `dir/controller`.
     pub fn start(dir: &Path, pki: &Pki) -> Self {
+        Self::start_with(dir, pki, false)
+    }
+
+    /// Starts a controller that also serves /metrics on a free loopback port.
+    pub fn start_with_metrics(dir: &Path, pki: &Pki) -> Self {
+        Self::start_with(dir, pki, true)
+    }
+
+    fn start_with(dir: &Path, pki: &Pki, metrics: bool) -> Self {
         let data_dir = dir.join("controller");
         let c = pki.controller();
         let args: Vec<String> = vec![
@@ -224,24 +212,23 @@ impl Controller {
             "--key".into(),
             c.key.display().to_string(),
         ];
+        let mut args = args;
+        if metrics {
+            args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+        }
         let log = dir.join("controller.log");
         let proc = Self::spawn_with(&args, "127.0.0.1:0", &log);
-        let addr = eventually("the controller to listen", |last| {
+        let line = eventually("the controller to listen", |last| {
             let text = proc.log_text();
             *last = text.lines().last().unwrap_or_default().to_owned();
-            text.lines()
-                .find(|l| l.contains("controller listening"))
-                .and_then(|l| l.split("local_addr=").nth(1))
-                .and_then(|rest| rest.split_whitespace().next())
-                .map(str::to_owned)
+            text.lines().find(|l| l.contains("controller listening")).map(str::to_owned)
         });
-        Self {
-            proc,
-            addr,
-            data_dir,
-            args,
-            log,
-        }
+        let field = |name: &str| {
+            line.split(&format!("{name}=")).nth(1).and_then(|rest| rest.split_whitespace().next()).map(str::to_owned)
+        };
+        let addr = field("local_addr").expect("local_addr in the listening line");
+        let metrics_addr = field("metrics_addr").filter(|a| a != "off");
+        Self { proc, addr, metrics_addr, data_dir, args, log }
     }
 
     fn spawn_with(args: &[String], listen: &str, log: &Path) -> Proc {
@@ -280,12 +267,7 @@ pub struct AgentOpts {
 
 impl Default for AgentOpts {
     fn default() -> Self {
-        Self {
-            gpus: 4,
-            interval: "200ms",
-            claim: None,
-            cert: None,
-        }
+        Self { gpus: 4, interval: "200ms", claim: None, cert: None }
     }
 }
 
@@ -331,13 +313,7 @@ impl Agent {
         }
         let log = dir.join(format!("agent-{node}.log"));
         let proc = Self::spawn_with(&args, &log);
-        Self {
-            proc,
-            node: node.to_owned(),
-            ack_log,
-            cmd_args: args,
-            log,
-        }
+        Self { proc, node: node.to_owned(), ack_log, cmd_args: args, log }
     }
 
     fn spawn_with(args: &[String], log: &Path) -> Proc {
@@ -354,11 +330,7 @@ impl Agent {
 
     /// Every seq the controller acknowledged to this agent so far.
     pub fn acked(&self) -> Vec<u64> {
-        fs::read_to_string(&self.ack_log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        fs::read_to_string(&self.ack_log).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
     }
 }
 
@@ -398,11 +370,7 @@ pub fn nodes(pki: &Pki, controller: &str) -> Result<Vec<serde_json::Value>, Stri
 
 /// The state of `node` in `nodes`, if listed.
 pub fn state_of(nodes: &[serde_json::Value], node: &str) -> Option<String> {
-    nodes
-        .iter()
-        .find(|n| n["id"] == node)
-        .and_then(|n| n["state"].as_str())
-        .map(str::to_owned)
+    nodes.iter().find(|n| n["id"] == node).and_then(|n| n["state"].as_str()).map(str::to_owned)
 }
 
 /// Waits until `node` is listed in `state`.
@@ -424,5 +392,98 @@ pub fn send_garbage(addr: &str, bytes: &[u8]) {
         let _ = s.write_all(bytes);
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for test servers
+/// that cannot report the port they chose).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// A plain HTTP/1.0 GET to `addr`; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    Ok(split_response(&raw))
+}
+
+fn split_response(raw: &str) -> (u16, String) {
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// An HTTPS GET with a client certificate (mTLS); returns (status, body).
+pub fn https_get(addr: &str, path: &str, ca: &Path, cert: &CertPaths) -> std::io::Result<(u16, String)> {
+    flotilla_common::tls::install_crypto_provider();
+    let files = flotilla_common::tls::TlsFiles { ca: ca.to_owned(), cert: cert.cert.clone(), key: cert.key.clone() };
+    let mut config = (*files.client_config().map_err(std::io::Error::other)?).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(std::io::Error::other)?;
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(tls, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    match tls.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // Servers may close without close_notify; what arrived is complete (Connection: close).
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e),
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let (status, body) = split_response(&text);
+    Ok((status, dechunk(&text, body)))
+}
+
+/// Undoes `Transfer-Encoding: chunked` when the response used it.
+fn dechunk(raw: &str, body: String) -> String {
+    let chunked = raw
+        .split_once("\r\n\r\n")
+        .is_some_and(|(head, _)| head.to_ascii_lowercase().contains("transfer-encoding: chunked"));
+    if !chunked {
+        return body;
+    }
+    let mut out = String::new();
+    let mut rest = body.as_str();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of the series of `name` whose labels include every `want` pair.
+pub fn metric_value(body: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, labels) = series.split_once('{').map_or((series, ""), |(n, l)| (n, l));
+        if n != name {
+            return None;
+        }
+        let all = want.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
+        if all { value.parse().ok() } else { None }
+    })
+}
+
+/// Polls like [`eventually`], with an explicit hang guard.
+pub fn eventually_within<T>(patience: Duration, what: &str, mut probe: impl FnMut(&mut String) -> Option<T>) -> T {
+    let deadline = Instant::now() + patience;
+    let mut last = String::new();
+    loop {
+        if let Some(v) = probe(&mut last) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last observation: {last}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

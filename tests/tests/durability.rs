@@ -2,6 +2,9 @@
 //! acknowledged is in the store, the inventory is there, and the agents resume
 //! on the restarted controller without losing or duplicating anything.
 
+// Helpers here fail the test on setup errors, as the #[test] bodies do.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 
 use flotilla_common::NodeId;
@@ -10,12 +13,7 @@ use flotilla_tests::{Agent, AgentOpts, Controller, Pki, eventually};
 
 fn stored_seqs(store: &SledStore, node: &str) -> BTreeSet<u64> {
     let id = NodeId::new(node).unwrap();
-    store
-        .batches(&id, 0, usize::MAX)
-        .unwrap()
-        .into_iter()
-        .map(|b| b.seq)
-        .collect()
+    store.batches(&id, 0, usize::MAX).unwrap().into_iter().map(|b| b.seq).collect()
 }
 
 #[test]
@@ -24,15 +22,9 @@ fn acknowledged_batches_survive_sigkill() {
     let pki = Pki::new(&dir.path().join("pki"));
     let mut controller = Controller::start(dir.path(), &pki);
     let url = controller.url();
-    let opts = AgentOpts {
-        interval: "100ms",
-        gpus: 8,
-        ..Default::default()
-    };
-    let mut agents: Vec<Agent> = ["node-1", "node-2"]
-        .iter()
-        .map(|n| Agent::start(dir.path(), &pki, &url, n, opts.clone()))
-        .collect();
+    let opts = AgentOpts { interval: "100ms", gpus: 8, ..Default::default() };
+    let mut agents: Vec<Agent> =
+        ["node-1", "node-2"].iter().map(|n| Agent::start(dir.path(), &pki, &url, n, opts.clone())).collect();
 
     for a in &agents {
         eventually(&format!("acks for {}", a.node), |last| {
@@ -44,10 +36,7 @@ fn acknowledged_batches_survive_sigkill() {
 
     controller.proc.kill9();
     // Everything acknowledged before the kill must be on disk now.
-    let acked_before: Vec<BTreeSet<u64>> = agents
-        .iter()
-        .map(|a| a.acked().into_iter().collect())
-        .collect();
+    let acked_before: Vec<BTreeSet<u64>> = agents.iter().map(|a| a.acked().into_iter().collect()).collect();
     let store_path = controller.data_dir.join("store");
     {
         let store = SledStore::open(&store_path).unwrap();
@@ -57,11 +46,7 @@ fn acknowledged_batches_survive_sigkill() {
         for (a, acked) in agents.iter().zip(&acked_before) {
             let stored = stored_seqs(&store, &a.node);
             let missing: Vec<_> = acked.difference(&stored).collect();
-            assert!(
-                missing.is_empty(),
-                "{}: acknowledged but not stored: {missing:?}",
-                a.node
-            );
+            assert!(missing.is_empty(), "{}: acknowledged but not stored: {missing:?}", a.node);
         }
     }
 
@@ -83,11 +68,7 @@ fn acknowledged_batches_survive_sigkill() {
         let acked: BTreeSet<u64> = a.acked().into_iter().collect();
         let stored = stored_seqs(&store, &a.node);
         let missing: Vec<_> = acked.difference(&stored).collect();
-        assert!(
-            missing.is_empty(),
-            "{}: acknowledged but not stored: {missing:?}",
-            a.node
-        );
+        assert!(missing.is_empty(), "{}: acknowledged but not stored: {missing:?}", a.node);
         // Seqs are unique per agent and the store keys on them: no duplicates exist.
         assert!(stored.len() >= acked.len());
     }

@@ -3,6 +3,9 @@
 //! node's id, garbage on the port, a node certificate on the operator API, and
 //! malformed or oversized messages.
 
+// Helpers here fail the test on setup errors, as the #[test] bodies do.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use flotilla_common::tls::TlsFiles;
 use flotilla_proto::pb;
 use flotilla_proto::pb::agent_message::Body as Up;
@@ -28,21 +31,13 @@ fn a_foreign_ca_is_refused_and_others_carry_on() {
         &pki,
         &url,
         "intruder",
-        AgentOpts {
-            cert: Some(foreign.node("intruder")),
-            ..Default::default()
-        },
+        AgentOpts { cert: Some(foreign.node("intruder")), ..Default::default() },
     );
-    controller
-        .proc
-        .wait_for_log("not issued by this fleet's CA");
+    controller.proc.wait_for_log("not issued by this fleet's CA");
     // An operator from another fleet.
     let out = flotctl_as(&pki.ca(), &foreign.admin(), &url, &["nodes", "ls"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("fleet's CA"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fleet's CA"), "{out:?}");
 
     let list = nodes(&pki, &url).unwrap();
     assert_eq!(state_of(&list, "gpu-a").as_deref(), Some("up"));
@@ -57,24 +52,12 @@ fn an_agent_cannot_claim_another_nodes_id() {
     let controller = Controller::start(dir.path(), &pki);
     let url = controller.url();
     let _honest = Agent::start(dir.path(), &pki, &url, "gpu-c", AgentOpts::default());
-    let liar = Agent::start(
-        dir.path(),
-        &pki,
-        &url,
-        "gpu-a",
-        AgentOpts {
-            claim: Some("gpu-b".into()),
-            ..Default::default()
-        },
-    );
+    let liar =
+        Agent::start(dir.path(), &pki, &url, "gpu-a", AgentOpts { claim: Some("gpu-b".into()), ..Default::default() });
     controller.proc.wait_for_log("claims another node's id");
     liar.proc.wait_for_log("controller refused this agent");
     let list = wait_state(&pki, &url, "gpu-c", "up");
-    assert_eq!(
-        state_of(&list, "gpu-b"),
-        None,
-        "the claimed id was not registered"
-    );
+    assert_eq!(state_of(&list, "gpu-b"), None, "the claimed id was not registered");
     assert_eq!(state_of(&list, "gpu-a"), None, "nor the certificate's");
 }
 
@@ -87,13 +70,8 @@ fn garbage_and_plaintext_on_the_port_are_refused() {
     let _honest = Agent::start(dir.path(), &pki, &url, "gpu-a", AgentOpts::default());
     wait_state(&pki, &url, "gpu-a", "up");
 
-    flotilla_tests::send_garbage(
-        &controller.addr,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
-    );
-    let noise: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    flotilla_tests::send_garbage(&controller.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     flotilla_tests::send_garbage(&controller.addr, &noise);
     controller.proc.wait_for_log("does not speak TLS");
     assert!(controller.proc.log_text().contains("TLS handshake refused"));
@@ -107,12 +85,7 @@ fn a_node_certificate_cannot_use_the_operator_api() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
     let controller = Controller::start(dir.path(), &pki);
-    let out = flotctl_as(
-        &pki.ca(),
-        &pki.node("gpu-a"),
-        &controller.url(),
-        &["nodes", "ls"],
-    );
+    let out = flotctl_as(&pki.ca(), &pki.node("gpu-a"), &controller.url(), &["nodes", "ls"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the Fleet API is for operators"), "{err}");
@@ -124,42 +97,24 @@ async fn stream(
     pki: &Pki,
     url: &str,
     node: &str,
-) -> (
-    mpsc::Sender<pb::AgentMessage>,
-    tonic::Streaming<pb::ControllerMessage>,
-) {
+) -> (mpsc::Sender<pb::AgentMessage>, tonic::Streaming<pb::ControllerMessage>) {
     flotilla_common::tls::install_crypto_provider();
     let c = pki.node(node);
-    let tls = TlsFiles {
-        ca: pki.ca(),
-        cert: c.cert,
-        key: c.key,
-    };
-    let channel = flotilla_common::client::endpoint(url, &tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let tls = TlsFiles { ca: pki.ca(), cert: c.cert, key: c.key };
+    let channel = flotilla_common::client::endpoint(url, &tls).unwrap().connect().await.unwrap();
     let mut client = AgentServiceClient::new(channel).max_encoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::AgentMessage {
         body: Some(Up::Hello(pb::Hello {
             protocol_version: flotilla_proto::PROTOCOL_VERSION,
             node_id: node.into(),
-            inventory: Some(pb::Inventory {
-                hostname: "h".into(),
-                ..Default::default()
-            }),
+            inventory: Some(pb::Inventory { hostname: "h".into(), ..Default::default() }),
             heartbeat_interval_ms: 1000,
         })),
     })
     .await
     .unwrap();
-    let mut inbound = client
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut inbound = client.connect(ReceiverStream::new(rx)).await.unwrap().into_inner();
     let first = inbound.message().await.unwrap().unwrap();
     assert!(matches!(first.body, Some(Down::Welcome(_))));
     (tx, inbound)
@@ -169,11 +124,7 @@ fn batch(seq: u64) -> pb::TelemetryBatch {
     pb::TelemetryBatch {
         seq,
         created_unix_ms: 1_800_000_000_000,
-        gpus: vec![pb::GpuSample {
-            index: 0,
-            utilization_ratio: Some(0.5),
-            ..Default::default()
-        }],
+        gpus: vec![pb::GpuSample { index: 0, utilization_ratio: Some(0.5), ..Default::default() }],
         ..Default::default()
     }
 }
@@ -205,26 +156,12 @@ async fn malformed_and_oversized_messages_are_refused() {
 
     // A good batch is acknowledged.
     let (tx, mut inbound) = stream(&pki, &url, "gpu-m").await;
-    tx.send(pb::AgentMessage {
-        body: Some(Up::Telemetry(batch(1))),
-    })
-    .await
-    .unwrap();
+    tx.send(pb::AgentMessage { body: Some(Up::Telemetry(batch(1))) }).await.unwrap();
     let ack = inbound.message().await.unwrap().unwrap();
-    assert!(
-        matches!(ack.body, Some(Down::Ack(ref a)) if a.seqs == [1]),
-        "{ack:?}"
-    );
+    assert!(matches!(ack.body, Some(Down::Ack(ref a)) if a.seqs == [1]), "{ack:?}");
 
     // seq 0 is invalid.
-    let status = refusal(
-        &tx,
-        &mut inbound,
-        pb::AgentMessage {
-            body: Some(Up::Telemetry(batch(0))),
-        },
-    )
-    .await;
+    let status = refusal(&tx, &mut inbound, pb::AgentMessage { body: Some(Up::Telemetry(batch(0))) }).await;
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("telemetry.seq"), "{status:?}");
 
@@ -232,44 +169,22 @@ async fn malformed_and_oversized_messages_are_refused() {
     let (tx, mut inbound) = stream(&pki, &url, "gpu-m").await;
     let mut b = batch(2);
     b.gpus[0].utilization_ratio = Some(f64::NAN);
-    let status = refusal(
-        &tx,
-        &mut inbound,
-        pb::AgentMessage {
-            body: Some(Up::Telemetry(b)),
-        },
-    )
-    .await;
+    let status = refusal(&tx, &mut inbound, pb::AgentMessage { body: Some(Up::Telemetry(b)) }).await;
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
     // A second hello.
     let (tx, mut inbound) = stream(&pki, &url, "gpu-m").await;
-    let hello = pb::AgentMessage {
-        body: Some(Up::Hello(pb::Hello::default())),
-    };
+    let hello = pb::AgentMessage { body: Some(Up::Hello(pb::Hello::default())) };
     let status = refusal(&tx, &mut inbound, hello).await;
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
 
     // A message over the size limit.
     let (tx, mut inbound) = stream(&pki, &url, "gpu-m").await;
     let mut b = batch(3);
-    b.samples.push(pb::Sample {
-        name: "x".repeat(5 * 1024 * 1024),
-        ..Default::default()
-    });
-    let status = refusal(
-        &tx,
-        &mut inbound,
-        pb::AgentMessage {
-            body: Some(Up::Telemetry(b)),
-        },
-    )
-    .await;
+    b.samples.push(pb::Sample { name: "x".repeat(5 * 1024 * 1024), ..Default::default() });
+    let status = refusal(&tx, &mut inbound, pb::AgentMessage { body: Some(Up::Telemetry(b)) }).await;
     assert!(
-        matches!(
-            status.code(),
-            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal
-        ),
+        matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal),
         "{status:?}"
     );
 

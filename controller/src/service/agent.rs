@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::{Context, blocking};
 use crate::ingest::Job;
-use crate::registry::Session;
+use crate::registry::{Downlink, Session};
 use crate::store::NodeRecord;
 
 /// The AgentService implementation.
@@ -61,22 +61,17 @@ impl AgentService for AgentApi {
         let (record, last_seq) = blocking("saving node inventory", move || {
             let now = now_unix_ms();
             let first_seen = store.node(&id)?.map_or(now, |r| r.first_seen_unix_ms);
-            let record = NodeRecord {
-                id: id.clone(),
-                inventory,
-                first_seen_unix_ms: first_seen,
-                last_seen_unix_ms: now,
-            };
+            let record =
+                NodeRecord { id: id.clone(), inventory, first_seen_unix_ms: first_seen, last_seen_unix_ms: now };
             store.commit_node(&record)?;
             let last_seq = store.latest_batch(&id)?.map_or(0, |b| b.seq);
             Ok((record, last_seq))
         })
         .await?;
 
-        let session = self
-            .ctx
-            .registry
-            .open(&cert_node, peer, interval, &self.ctx.shutdown);
+        let (down_tx, down_rx) = mpsc::channel(64);
+        self.ctx.view.set_inventory(&cert_node, record.inventory.clone());
+        let session = self.ctx.registry.open(&cert_node, peer, interval, &self.ctx.shutdown, down_tx);
         let (out_tx, out_rx) = mpsc::channel(64);
         let welcome = pb::ControllerMessage {
             body: Some(Down::Welcome(pb::Welcome {
@@ -87,10 +82,7 @@ impl AgentService for AgentApi {
                 max_batch_samples: Limits::DEFAULT.max_samples as u32,
             })),
         };
-        out_tx
-            .send(Ok(welcome))
-            .await
-            .map_err(|_| Status::unavailable("stream closed before welcome"))?;
+        out_tx.send(Ok(welcome)).await.map_err(|_| Status::unavailable("stream closed before welcome"))?;
         tracing::info!(
             gpus = record.inventory.gpus.len(),
             hostname = %record.inventory.hostname,
@@ -99,24 +91,13 @@ impl AgentService for AgentApi {
             "agent connected"
         );
 
-        let stream = StreamSession {
-            ctx: self.ctx.clone(),
-            node: cert_node,
-            session,
-            out: out_tx,
-            last_seq: 0,
-        };
-        self.ctx
-            .tracker
-            .spawn(stream.run(inbound).instrument(tracing::Span::current()));
+        let stream = StreamSession { ctx: self.ctx.clone(), node: cert_node, session, out: out_tx, last_seq: 0 };
+        self.ctx.tracker.spawn(stream.run(inbound, down_rx).instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 }
 
-async fn read_hello(
-    inbound: &mut Streaming<pb::AgentMessage>,
-    timeout: Duration,
-) -> Result<pb::Hello, Status> {
+async fn read_hello(inbound: &mut Streaming<pb::AgentMessage>, timeout: Duration) -> Result<pb::Hello, Status> {
     let first = tokio::time::timeout(timeout, inbound.message())
         .await
         .map_err(|_| Status::deadline_exceeded(format!("no hello within {}s", timeout.as_secs())))?
@@ -126,24 +107,15 @@ async fn read_hello(
         })?;
     match first.and_then(|m| m.body) {
         Some(Up::Hello(hello)) => Ok(hello),
-        Some(_) => Err(Status::failed_precondition(
-            "the first message on the stream must be a hello",
-        )),
+        Some(_) => Err(Status::failed_precondition("the first message on the stream must be a hello")),
         None => Err(Status::cancelled("stream ended before hello")),
     }
 }
 
 /// Validates the hello against the certificate and the policy.
-fn check_hello(
-    ctx: &Context,
-    cert_node: &NodeId,
-    hello: pb::Hello,
-) -> Result<(Inventory, Duration), Status> {
+fn check_hello(ctx: &Context, cert_node: &NodeId, hello: pb::Hello) -> Result<(Inventory, Duration), Status> {
     if hello.protocol_version != PROTOCOL_VERSION {
-        tracing::warn!(
-            version = hello.protocol_version,
-            "refused agent: unsupported protocol version"
-        );
+        tracing::warn!(version = hello.protocol_version, "refused agent: unsupported protocol version");
         return Err(Status::failed_precondition(format!(
             "protocol version {} is not supported; this controller speaks {PROTOCOL_VERSION}",
             hello.protocol_version
@@ -173,6 +145,13 @@ fn check_hello(
     Ok((inventory, interval))
 }
 
+fn to_wire(down: Downlink) -> pb::ControllerMessage {
+    let body = match down {
+        Downlink::InjectFault { fault, gpu } => Down::SimInject(pb::SimInject { fault: fault.to_string(), gpu }),
+    };
+    pb::ControllerMessage { body: Some(body) }
+}
+
 fn invalid(node: &NodeId, error: &flotilla_proto::WireError) -> Status {
     tracing::warn!(node_id = %node, %error, "refused malformed message from agent");
     Status::invalid_argument(format!("malformed message: {error}"))
@@ -189,12 +168,17 @@ struct StreamSession {
 }
 
 impl StreamSession {
-    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
+    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>, mut downlink: mpsc::Receiver<Downlink>) {
         let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<u64>>(1024);
         let cancel = self.session.cancel.clone();
         let end: Result<(), Status> = loop {
             tokio::select! {
                 () = cancel.cancelled() => break Err(self.cancel_reason()),
+                Some(down) = downlink.recv() => {
+                    if self.out.send(Ok(to_wire(down))).await.is_err() {
+                        break Ok(());
+                    }
+                }
                 Some(seqs) = ack_rx.recv() => {
                     let ack = pb::ControllerMessage { body: Some(Down::Ack(pb::Ack { seqs })) };
                     if self.out.send(Ok(ack)).await.is_err() {
@@ -232,12 +216,7 @@ impl StreamSession {
     fn cancel_reason(&self) -> Status {
         if self.ctx.shutdown.is_cancelled() {
             Status::unavailable("controller shutting down")
-        } else if self
-            .ctx
-            .registry
-            .session(&self.node)
-            .is_some_and(|s| s.id != self.session.id)
-        {
+        } else if self.ctx.registry.session(&self.node).is_some_and(|s| s.id != self.session.id) {
             Status::aborted("replaced by a newer stream from the same node")
         } else {
             Status::deadline_exceeded("no heartbeat within the allowed window")
@@ -245,50 +224,28 @@ impl StreamSession {
     }
 
     /// The handler chain: liveness first, then the message's own handler.
-    async fn handle(
-        &mut self,
-        msg: pb::AgentMessage,
-        acks: &mpsc::Sender<Vec<u64>>,
-    ) -> Result<(), Status> {
+    async fn handle(&mut self, msg: pb::AgentMessage, acks: &mpsc::Sender<Vec<u64>>) -> Result<(), Status> {
         self.ctx.registry.touch(&self.node, self.session.id);
         match msg.body {
             Some(Up::Heartbeat(_)) => Ok(()),
             Some(Up::Telemetry(batch)) => self.on_telemetry(batch, acks).await,
-            Some(Up::Hello(_)) => Err(Status::failed_precondition(
-                "hello may be sent only once per stream",
-            )),
+            Some(Up::Hello(_)) => Err(Status::failed_precondition("hello may be sent only once per stream")),
             None => Err(Status::invalid_argument("empty agent message")),
         }
     }
 
-    async fn on_telemetry(
-        &mut self,
-        wire: pb::TelemetryBatch,
-        acks: &mpsc::Sender<Vec<u64>>,
-    ) -> Result<(), Status> {
+    async fn on_telemetry(&mut self, wire: pb::TelemetryBatch, acks: &mpsc::Sender<Vec<u64>>) -> Result<(), Status> {
         let batch = TelemetryBatch::try_from(wire).map_err(|e| invalid(&self.node, &e))?;
         if batch.seq <= self.last_seq {
-            tracing::warn!(
-                seq = batch.seq,
-                last = self.last_seq,
-                "refused out-of-order batch"
-            );
+            tracing::warn!(seq = batch.seq, last = self.last_seq, "refused out-of-order batch");
             return Err(Status::invalid_argument(format!(
                 "batch seq {} after {} on the same stream: seqs must increase",
                 batch.seq, self.last_seq
             )));
         }
         self.last_seq = batch.seq;
-        let job = Job {
-            node: self.node.clone(),
-            batch,
-            acks: acks.clone(),
-        };
-        self.ctx
-            .committer
-            .submit(job)
-            .await
-            .map_err(|_| Status::unavailable("controller shutting down"))
+        let job = Job { node: self.node.clone(), batch, acks: acks.clone() };
+        self.ctx.committer.submit(job).await.map_err(|_| Status::unavailable("controller shutting down"))
     }
 
     async fn finish(self) {

@@ -21,17 +21,10 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        key: keys::display(key),
-        reason,
-    };
+    let corrupt = |reason: String| StoreError::Corrupt { key: keys::display(key), reason };
     match bytes.split_first() {
-        Some((&VALUE_VERSION, body)) => {
-            postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))
-        }
-        Some((v, _)) => Err(corrupt(format!(
-            "value version {v}; this build reads {VALUE_VERSION}"
-        ))),
+        Some((&VALUE_VERSION, body)) => postcard::from_bytes(body).map_err(|e| corrupt(e.to_string())),
+        Some((v, _)) => Err(corrupt(format!("value version {v}; this build reads {VALUE_VERSION}"))),
         None => Err(corrupt("empty value".into())),
     }
 }

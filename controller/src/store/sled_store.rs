@@ -28,20 +28,10 @@ impl SledStore {
     /// Opens (or creates) the store at `path`, checking and migrating the schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: shown.clone(),
-                source,
-            })?;
-        let meta = db
-            .open_tree(keys::META)
-            .map_err(sled_err("open meta tree"))?;
-        let found = match meta
-            .get(keys::SCHEMA_VERSION_KEY)
-            .map_err(sled_err("read schema version"))?
-        {
+        let db =
+            sled::Config::new().path(path).open().map_err(|source| StoreError::Open { path: shown.clone(), source })?;
+        let meta = db.open_tree(keys::META).map_err(sled_err("open meta tree"))?;
+        let found = match meta.get(keys::SCHEMA_VERSION_KEY).map_err(sled_err("read schema version"))? {
             Some(bytes) => {
                 let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
                     key: "meta/schema_version".into(),
@@ -52,19 +42,11 @@ impl SledStore {
             None => 0,
         };
         if found > SCHEMA_VERSION {
-            return Err(StoreError::SchemaTooNew {
-                path: shown,
-                found,
-                supported: SCHEMA_VERSION,
-            });
+            return Err(StoreError::SchemaTooNew { path: shown, found, supported: SCHEMA_VERSION });
         }
         let store = Self {
-            nodes: db
-                .open_tree(keys::NODES)
-                .map_err(sled_err("open nodes tree"))?,
-            telemetry: db
-                .open_tree(keys::TELEMETRY)
-                .map_err(sled_err("open telemetry tree"))?,
+            nodes: db.open_tree(keys::NODES).map_err(sled_err("open nodes tree"))?,
+            telemetry: db.open_tree(keys::TELEMETRY).map_err(sled_err("open telemetry tree"))?,
             db,
         };
         // Migrations run in order from the version found; version 0 is a new store.
@@ -80,20 +62,14 @@ impl SledStore {
 
 impl Store for SledStore {
     fn commit_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
-        self.nodes
-            .insert(node.id.as_str().as_bytes(), codec::encode(node))
-            .map_err(sled_err("write node"))?;
+        self.nodes.insert(node.id.as_str().as_bytes(), codec::encode(node)).map_err(sled_err("write node"))?;
         self.db.flush().map_err(sled_err("flush node"))?;
         Ok(())
     }
 
     fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
         let key = id.as_str().as_bytes();
-        self.nodes
-            .get(key)
-            .map_err(sled_err("read node"))?
-            .map(|v| codec::decode(key, &v))
-            .transpose()
+        self.nodes.get(key).map_err(sled_err("read node"))?.map(|v| codec::decode(key, &v)).transpose()
     }
 
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
@@ -106,10 +82,7 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn commit_batches(
-        &self,
-        batches: &[(NodeId, TelemetryBatch)],
-    ) -> Result<Vec<Committed>, StoreError> {
+    fn commit_batches(&self, batches: &[(NodeId, TelemetryBatch)]) -> Result<Vec<Committed>, StoreError> {
         let mut outcome = Vec::with_capacity(batches.len());
         for (node, batch) in batches {
             let key = keys::telemetry_key(node, batch.seq);
@@ -117,11 +90,7 @@ impl Store for SledStore {
                 .telemetry
                 .compare_and_swap(key, None as Option<&[u8]>, Some(codec::encode(batch)))
                 .map_err(sled_err("write telemetry"))?;
-            outcome.push(if swapped.is_ok() {
-                Committed::New
-            } else {
-                Committed::Duplicate
-            });
+            outcome.push(if swapped.is_ok() { Committed::New } else { Committed::Duplicate });
         }
         if outcome.contains(&Committed::New) {
             self.db.flush().map_err(sled_err("flush telemetry"))?;
@@ -130,11 +99,7 @@ impl Store for SledStore {
     }
 
     fn latest_batch(&self, node: &NodeId) -> Result<Option<TelemetryBatch>, StoreError> {
-        match self
-            .telemetry
-            .scan_prefix(keys::telemetry_prefix(node))
-            .next_back()
-        {
+        match self.telemetry.scan_prefix(keys::telemetry_prefix(node)).next_back() {
             Some(item) => {
                 let (k, v) = item.map_err(sled_err("read latest telemetry"))?;
                 codec::decode(&k, &v).map(Some)
@@ -143,12 +108,7 @@ impl Store for SledStore {
         }
     }
 
-    fn batches(
-        &self,
-        node: &NodeId,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<TelemetryBatch>, StoreError> {
+    fn batches(&self, node: &NodeId, from_seq: u64, limit: usize) -> Result<Vec<TelemetryBatch>, StoreError> {
         // One past every key of this node: its id followed by 0x01 instead of 0x00.
         let mut end = node.as_str().as_bytes().to_vec();
         end.push(1);
@@ -162,6 +122,10 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     fn prune_batches(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError> {
         let mut removed = 0;
         for node in self.nodes()? {
@@ -172,9 +136,7 @@ impl Store for SledStore {
                 if batch.created_unix_ms >= cutoff_unix_ms {
                     break;
                 }
-                self.telemetry
-                    .remove(k)
-                    .map_err(sled_err("prune telemetry"))?;
+                self.telemetry.remove(k).map_err(sled_err("prune telemetry"))?;
                 removed += 1;
             }
         }
@@ -187,11 +149,7 @@ mod tests {
     use super::*;
 
     fn batch(seq: u64, at: i64) -> TelemetryBatch {
-        TelemetryBatch {
-            seq,
-            created_unix_ms: at,
-            ..Default::default()
-        }
+        TelemetryBatch { seq, created_unix_ms: at, ..Default::default() }
     }
 
     fn node(id: &str) -> NodeRecord {
@@ -211,11 +169,7 @@ mod tests {
             let store = SledStore::open(dir.path()).unwrap();
             store.commit_node(&node("a")).unwrap();
             let out = store
-                .commit_batches(&[
-                    (a.clone(), batch(1, 10)),
-                    (a.clone(), batch(2, 20)),
-                    (a.clone(), batch(1, 10)),
-                ])
+                .commit_batches(&[(a.clone(), batch(1, 10)), (a.clone(), batch(2, 20)), (a.clone(), batch(1, 10))])
                 .unwrap();
             assert_eq!(out, [Committed::New, Committed::New, Committed::Duplicate]);
         }
@@ -223,10 +177,7 @@ mod tests {
         assert_eq!(store.nodes().unwrap(), vec![node("a")]);
         assert_eq!(store.latest_batch(&a).unwrap().unwrap().seq, 2);
         assert_eq!(store.batches(&a, 1, 10).unwrap().len(), 2);
-        assert_eq!(
-            store.commit_batches(&[(a.clone(), batch(2, 20))]).unwrap(),
-            [Committed::Duplicate]
-        );
+        assert_eq!(store.commit_batches(&[(a.clone(), batch(2, 20))]).unwrap(), [Committed::Duplicate]);
     }
 
     #[test]
@@ -235,9 +186,7 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         let a = NodeId::new("a").unwrap();
         let ab = NodeId::new("ab").unwrap();
-        store
-            .commit_batches(&[(a.clone(), batch(5, 1)), (ab.clone(), batch(9, 1))])
-            .unwrap();
+        store.commit_batches(&[(a.clone(), batch(5, 1)), (ab.clone(), batch(9, 1))]).unwrap();
         assert_eq!(store.latest_batch(&a).unwrap().unwrap().seq, 5);
         assert_eq!(store.batches(&a, 0, 100).unwrap().len(), 1);
     }
@@ -249,22 +198,10 @@ mod tests {
         store.commit_node(&node("a")).unwrap();
         let a = NodeId::new("a").unwrap();
         store
-            .commit_batches(&[
-                (a.clone(), batch(1, 10)),
-                (a.clone(), batch(2, 20)),
-                (a.clone(), batch(3, 30)),
-            ])
+            .commit_batches(&[(a.clone(), batch(1, 10)), (a.clone(), batch(2, 20)), (a.clone(), batch(3, 30))])
             .unwrap();
         assert_eq!(store.prune_batches(25).unwrap(), 2);
-        assert_eq!(
-            store
-                .batches(&a, 0, 10)
-                .unwrap()
-                .iter()
-                .map(|b| b.seq)
-                .collect::<Vec<_>>(),
-            [3]
-        );
+        assert_eq!(store.batches(&a, 0, 10).unwrap().iter().map(|b| b.seq).collect::<Vec<_>>(), [3]);
     }
 
     #[test]
@@ -272,15 +209,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = sled::open(dir.path()).unwrap();
-            db.open_tree(keys::META)
-                .unwrap()
-                .insert(keys::SCHEMA_VERSION_KEY, &99u32.to_be_bytes())
-                .unwrap();
+            db.open_tree(keys::META).unwrap().insert(keys::SCHEMA_VERSION_KEY, &99u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        assert!(matches!(
-            SledStore::open(dir.path()),
-            Err(StoreError::SchemaTooNew { found: 99, .. })
-        ));
+        assert!(matches!(SledStore::open(dir.path()), Err(StoreError::SchemaTooNew { found: 99, .. })));
     }
 }

@@ -38,11 +38,7 @@ pub fn run(cmd: ContextCmd, conn: &ConnArgs, path: &Path) -> anyhow::Result<()> 
                 }
                 let mut t = output::table(&["CURRENT", "NAME", "CONTROLLER"]);
                 for r in rows {
-                    t.add_row(vec![
-                        if r.current { "*" } else { "" }.to_owned(),
-                        r.name.clone(),
-                        r.controller.clone(),
-                    ]);
+                    t.add_row(vec![if r.current { "*" } else { "" }.to_owned(), r.name.clone(), r.controller.clone()]);
                 }
                 t.to_string()
             })
@@ -63,10 +59,7 @@ pub fn run(cmd: ContextCmd, conn: &ConnArgs, path: &Path) -> anyhow::Result<()> 
         ContextCmd::Set { name, activate } => {
             let missing = |flag: &str| UsageError(format!("context set needs --{flag}"));
             let ctx = Context {
-                controller: conn
-                    .controller
-                    .clone()
-                    .ok_or_else(|| missing("controller"))?,
+                controller: conn.controller.clone().ok_or_else(|| missing("controller"))?,
                 ca: absolute(conn.cacert.clone().ok_or_else(|| missing("cacert"))?)?,
                 cert: absolute(conn.cert.clone().ok_or_else(|| missing("cert"))?)?,
                 key: absolute(conn.key.clone().ok_or_else(|| missing("key"))?)?,
@@ -83,9 +76,5 @@ pub fn run(cmd: ContextCmd, conn: &ConnArgs, path: &Path) -> anyhow::Result<()> 
 }
 
 fn absolute(p: std::path::PathBuf) -> anyhow::Result<std::path::PathBuf> {
-    Ok(if p.is_absolute() {
-        p
-    } else {
-        std::env::current_dir()?.join(p)
-    })
+    Ok(if p.is_absolute() { p } else { std::env::current_dir()?.join(p) })
 }

@@ -12,26 +12,13 @@ pub async fn run(cmd: NodesCmd, conn: &Connection) -> anyhow::Result<()> {
     let mut client = connect(conn).await?;
     match cmd {
         NodesCmd::Ls { output } => {
-            let resp = call(
-                "list nodes",
-                client.list_nodes(pb::ListNodesRequest {}).await,
-            )?;
-            let nodes: Vec<NodeView> = resp
-                .nodes
-                .into_iter()
-                .map(|n| NodeView::from_wire(n, false))
-                .collect();
+            let resp = call("list nodes", client.list_nodes(pb::ListNodesRequest {}).await)?;
+            let nodes: Vec<NodeView> = resp.nodes.into_iter().map(|n| NodeView::from_wire(n, false)).collect();
             output::print(output, &nodes, |nodes| ls_table(nodes, now_unix_ms()))
         }
         NodesCmd::Show { node, output } => {
-            let resp = call(
-                &format!("get node {node}"),
-                client
-                    .get_node(pb::GetNodeRequest {
-                        node_id: node.clone(),
-                    })
-                    .await,
-            )?;
+            let resp =
+                call(&format!("get node {node}"), client.get_node(pb::GetNodeRequest { node_id: node.clone() }).await)?;
             let view = NodeView::from_wire(resp, true);
             output::print(output, &view, |v| show_text(v, now_unix_ms()))
         }
@@ -40,17 +27,10 @@ pub async fn run(cmd: NodesCmd, conn: &Connection) -> anyhow::Result<()> {
 
 fn ls_table(nodes: &[NodeView], now: i64) -> String {
     if nodes.is_empty() {
-        return "No nodes have connected yet. Start an agent with a certificate from `flotctl cert issue --node ID`.".to_owned();
+        return "No nodes have connected yet. Start an agent with a certificate from `flotctl cert issue --node ID`."
+            .to_owned();
     }
-    let mut t = output::table(&[
-        "NODE",
-        "STATE",
-        "GPUS",
-        "UTIL",
-        "MAX TEMP",
-        "VRAM USED/TOTAL",
-        "LAST SEEN",
-    ]);
+    let mut t = output::table(&["NODE", "STATE", "GPUS", "UTIL", "MAX TEMP", "VRAM USED/TOTAL", "LAST SEEN"]);
     for n in nodes {
         t.add_row(vec![
             n.id.clone(),
@@ -58,11 +38,7 @@ fn ls_table(nodes: &[NodeView], now: i64) -> String {
             n.gpus.len().to_string(),
             percent(n.mean_gpu_utilization_ratio),
             celsius(n.max_gpu_temperature_celsius),
-            format!(
-                "{} / {}",
-                bytes(n.gpu_memory_used_bytes),
-                bytes(n.gpu_memory_total_bytes)
-            ),
+            format!("{} / {}", bytes(n.gpu_memory_used_bytes), bytes(n.gpu_memory_total_bytes)),
             ago(n.last_seen_unix_ms, now),
         ]);
     }
@@ -71,15 +47,8 @@ fn ls_table(nodes: &[NodeView], now: i64) -> String {
 
 fn show_text(n: &NodeView, now: i64) -> String {
     let mut out = String::new();
-    let state = if n.state_reason.is_empty() {
-        n.state.clone()
-    } else {
-        format!("{} ({})", n.state, n.state_reason)
-    };
-    out.push_str(&format!(
-        "Node:       {}\nState:      {state}\nHostname:   {}\n",
-        n.id, n.hostname
-    ));
+    let state = if n.state_reason.is_empty() { n.state.clone() } else { format!("{} ({})", n.state, n.state_reason) };
+    out.push_str(&format!("Node:       {}\nState:      {state}\nHostname:   {}\n", n.id, n.hostname));
     if let Some(h) = &n.host {
         out.push_str(&format!(
             "OS:         {} (kernel {})\nCPU:        {} × {}\nMemory:     {} total, {} available\nAgent:      {} from {}\n",
@@ -92,15 +61,9 @@ fn show_text(n: &NodeView, now: i64) -> String {
             h.agent_version,
             if h.peer_addr.is_empty() { "-" } else { &h.peer_addr },
         ));
-        out.push_str(&format!(
-            "GPU source: {} ({})\n",
-            n.gpu_source, h.gpu_source_note
-        ));
+        out.push_str(&format!("GPU source: {} ({})\n", n.gpu_source, h.gpu_source_note));
         if !h.driver_version.is_empty() {
-            out.push_str(&format!(
-                "Driver:     {} (CUDA {})\n",
-                h.driver_version, h.cuda_version
-            ));
+            out.push_str(&format!("Driver:     {} (CUDA {})\n", h.driver_version, h.cuda_version));
         }
     }
     if !n.labels.is_empty() {
@@ -109,15 +72,7 @@ fn show_text(n: &NodeView, now: i64) -> String {
     }
     out.push_str(&format!("Last seen:  {}\n", ago(n.last_seen_unix_ms, now)));
     if !n.gpus.is_empty() {
-        let mut t = output::table(&[
-            "GPU",
-            "MODEL",
-            "UTIL",
-            "TEMP",
-            "VRAM USED/TOTAL",
-            "POWER",
-            "UUID",
-        ]);
+        let mut t = output::table(&["GPU", "MODEL", "UTIL", "TEMP", "VRAM USED/TOTAL", "POWER", "UUID"]);
         for g in &n.gpus {
             t.add_row(vec![
                 g.index.to_string(),

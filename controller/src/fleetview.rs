@@ -1,0 +1,66 @@
+//! The in-memory view of the fleet: each node's inventory and newest batch, kept
+//! current by the committer so that scrapes and reads need no store scan.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use flotilla_common::NodeId;
+use flotilla_common::model::{Inventory, TelemetryBatch};
+
+use crate::store::{Store, StoreError};
+
+/// One node's newest known state.
+#[derive(Debug, Clone, Default)]
+pub struct NodeLatest {
+    pub inventory: Inventory,
+    pub latest: Option<TelemetryBatch>,
+}
+
+/// Shared, cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct FleetView {
+    inner: Arc<RwLock<BTreeMap<NodeId, NodeLatest>>>,
+}
+
+impl FleetView {
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<NodeId, NodeLatest>> {
+        // Writers only insert or replace whole values: a poisoned lock holds consistent data.
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<NodeId, NodeLatest>> {
+        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Loads every node and its newest batch from the store (at start-up).
+    pub fn load(store: &dyn Store) -> Result<Self, StoreError> {
+        let view = Self::default();
+        {
+            let mut map = view.write();
+            for record in store.nodes()? {
+                let latest = store.latest_batch(&record.id)?;
+                map.insert(record.id, NodeLatest { inventory: record.inventory, latest });
+            }
+        }
+        Ok(view)
+    }
+
+    /// Records a node's inventory (on hello).
+    pub fn set_inventory(&self, node: &NodeId, inventory: Inventory) {
+        self.write().entry(node.clone()).or_default().inventory = inventory;
+    }
+
+    /// Records a committed batch if it is newer than what is known.
+    pub fn observe(&self, node: &NodeId, batch: &TelemetryBatch) {
+        let mut map = self.write();
+        let entry = map.entry(node.clone()).or_default();
+        if entry.latest.as_ref().is_none_or(|b| b.seq < batch.seq) {
+            entry.latest = Some(batch.clone());
+        }
+    }
+
+    /// A copy of every node's state, ordered by id.
+    pub fn snapshot(&self) -> Vec<(NodeId, NodeLatest)> {
+        self.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
