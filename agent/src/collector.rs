@@ -12,17 +12,30 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gpu::GpuSource;
 use crate::host::HostCollector;
+use crate::inference::InferenceCollector;
+
+/// Named samples kept per batch: well under the controller's per-message limit.
+const MAX_SAMPLES: usize = 5_000;
+
+/// Everything the loop collects from.
+pub struct Sources {
+    pub gpu: Box<dyn GpuSource>,
+    pub host: HostCollector,
+    pub inference: InferenceCollector,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources").finish_non_exhaustive()
+    }
+}
 
 /// Runs until `cancel` fires or the uplink goes away. Batches carry no seq yet:
 /// the uplink numbers them as it takes them.
-pub async fn run(
-    mut gpu: Box<dyn GpuSource>,
-    mut host: HostCollector,
-    interval: Duration,
-    tx: mpsc::Sender<TelemetryBatch>,
-    cancel: CancellationToken,
-) {
+pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<TelemetryBatch>, cancel: CancellationToken) {
+    let Sources { mut gpu, mut host, mut inference } = sources;
     let start = Instant::now();
+    let mut last_gpu_error: Option<String> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -31,42 +44,63 @@ pub async fn run(
             () = cancel.cancelled() => return,
         }
         let mut collectors = Vec::with_capacity(2);
-        let gpus = match gpu.sample(start.elapsed()) {
+        let elapsed = start.elapsed();
+        // NVML calls and /proc reads block for milliseconds; keep them off the async
+        // workers. Inference servers are scraped meanwhile (each with its own timeout).
+        let blocking = tokio::task::spawn_blocking(move || {
+            let g = gpu.sample(elapsed);
+            let h = host.sample();
+            (gpu, host, g, h)
+        });
+        let (joined, round) =
+            tokio::join!(blocking, async { if inference.is_empty() { None } else { Some(inference.collect().await) } });
+        let (gpu_back, host_back, gpu_result, host_sample) = match joined {
+            Ok(parts) => parts,
+            Err(error) => {
+                tracing::error!(%error, "a collector panicked; stopping collection");
+                return;
+            }
+        };
+        gpu = gpu_back;
+        host = host_back;
+        let gpus = match gpu_result {
             Ok(samples) => {
+                if last_gpu_error.take().is_some() {
+                    tracing::info!("GPU collection recovered");
+                }
                 collectors.push(CollectorStatus { name: "gpu".into(), healthy: true, error: String::new() });
                 samples
             }
             Err(error) => {
-                tracing::warn!(%error, "GPU collection failed");
+                // Log a failure when it starts or changes, not on every interval.
+                if last_gpu_error.as_deref() != Some(error.message.as_str()) {
+                    tracing::warn!(%error, "GPU collection failed");
+                    last_gpu_error = Some(error.message.clone());
+                }
                 collectors.push(CollectorStatus { name: "gpu".into(), healthy: false, error: error.message.clone() });
                 error.partial
             }
         };
-        // /proc reads are quick but blocking; keep them off the async workers.
-        let host_sample = match tokio::task::spawn_blocking(move || {
-            let s = host.sample();
-            (host, s)
-        })
-        .await
-        {
-            Ok((back, sample)) => {
-                host = back;
-                collectors.push(CollectorStatus { name: "host".into(), healthy: true, error: String::new() });
-                Some(sample)
+        collectors.push(CollectorStatus { name: "host".into(), healthy: true, error: String::new() });
+        let host_sample = Some(host_sample);
+        let mut samples = match round {
+            Some(round) => {
+                collectors.extend(round.statuses());
+                round.samples
             }
-            Err(error) => {
-                tracing::error!(%error, "host collector panicked; stopping collection");
-                return;
-            }
+            None => Vec::new(),
         };
-        let batch = TelemetryBatch {
-            seq: 0,
-            created_unix_ms: now_unix_ms(),
-            gpus,
-            host: host_sample,
-            samples: Vec::new(),
-            collectors,
-        };
+        if samples.len() > MAX_SAMPLES {
+            // The controller refuses oversized batches; keep the batch deliverable.
+            collectors.push(CollectorStatus {
+                name: "samples".into(),
+                healthy: false,
+                error: format!("{} named samples; only the first {MAX_SAMPLES} were kept", samples.len()),
+            });
+            samples.truncate(MAX_SAMPLES);
+        }
+        let batch =
+            TelemetryBatch { seq: 0, created_unix_ms: now_unix_ms(), gpus, host: host_sample, samples, collectors };
         if tx.send(batch).await.is_err() {
             return;
         }

@@ -33,6 +33,8 @@ pub struct Config {
     /// Labels reported in the inventory (e.g. `rack = "r1"`, `role = "gateway"`).
     pub labels: BTreeMap<String, String>,
     pub gpu: GpuConfig,
+    /// Inference servers on this host to scrape (`[[inference]]` tables).
+    pub inference: Vec<crate::inference::InferenceEndpoint>,
     pub uplink: UplinkConfig,
     pub log_format: LogFormat,
 }
@@ -41,8 +43,10 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuSourceChoice {
-    /// No GPU data.
+    /// Real GPUs through NVML; a host without the NVIDIA driver runs without GPU data.
     #[default]
+    Nvml,
+    /// No GPU data.
     None,
     /// Simulated GPUs (demo, tests): deterministic curves, no hardware needed.
     Simulated,
@@ -89,6 +93,7 @@ impl Default for Config {
             heartbeat_interval: None,
             labels: BTreeMap::new(),
             gpu: GpuConfig::default(),
+            inference: Vec::new(),
             uplink: UplinkConfig::default(),
             log_format: LogFormat::Text,
         }
@@ -97,7 +102,7 @@ impl Default for Config {
 
 impl Default for GpuConfig {
     fn default() -> Self {
-        Self { source: GpuSourceChoice::None, simulated_count: 8, simulated_seed: None }
+        Self { source: GpuSourceChoice::Nvml, simulated_count: 8, simulated_seed: None }
     }
 }
 
@@ -175,6 +180,11 @@ impl Config {
         }
         if self.uplink.backoff_initial.is_zero() || self.uplink.backoff_initial > self.uplink.backoff_max {
             return bad("uplink.backoff_initial must be above zero and at most uplink.backoff_max".to_owned());
+        }
+        for endpoint in &self.inference {
+            if let Err(e) = endpoint.validate() {
+                return bad(format!("[[inference]] {:?}: {e}", endpoint.name));
+            }
         }
         for key in self.labels.keys() {
             let ok = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')

@@ -1,6 +1,7 @@
 //! GPU sources behind one trait: the agent does not care whether samples come
 //! from NVML or from the simulator.
 
+pub mod nvml;
 pub mod simulated;
 
 use flotilla_common::model::{GpuInfo, GpuSample, GpuSourceKind};
@@ -45,20 +46,57 @@ pub trait GpuSource: Send {
     }
 }
 
-/// The source for hosts configured without GPU collection.
+/// The source for hosts without GPU data: collection disabled, or no driver.
 #[derive(Debug, Default)]
-pub struct NoGpus;
+pub struct NoGpus {
+    inventory: GpuInventory,
+}
 
-impl GpuSource for NoGpus {
-    fn inventory(&self) -> GpuInventory {
-        GpuInventory {
+impl NoGpus {
+    /// Collection turned off in the config.
+    pub fn disabled() -> Self {
+        Self::with(GpuInventory {
             kind: GpuSourceKind::None,
             note: "GPU collection disabled (gpu.source = \"none\")".to_owned(),
             ..Default::default()
-        }
+        })
+    }
+
+    /// No GPUs, with `inventory` explaining why (e.g. no NVIDIA driver).
+    pub fn with(inventory: GpuInventory) -> Self {
+        Self { inventory }
+    }
+}
+
+impl GpuSource for NoGpus {
+    fn inventory(&self) -> GpuInventory {
+        self.inventory.clone()
     }
 
     fn sample(&mut self, _elapsed: std::time::Duration) -> Result<Vec<GpuSample>, GpuError> {
         Ok(Vec::new())
+    }
+}
+
+/// A GPU source that could not start although a driver is present: every
+/// sample reports the failure, so the node shows degraded until it is fixed.
+#[derive(Debug)]
+pub struct FailedGpus {
+    inventory: GpuInventory,
+}
+
+impl FailedGpus {
+    pub fn new(inventory: GpuInventory) -> Self {
+        Self { inventory }
+    }
+}
+
+impl GpuSource for FailedGpus {
+    fn inventory(&self) -> GpuInventory {
+        self.inventory.clone()
+    }
+
+    fn sample(&mut self, _elapsed: std::time::Duration) -> Result<Vec<GpuSample>, GpuError> {
+        Err(GpuError::new("nvml", self.inventory.note.clone()))
     }
 }

@@ -9,6 +9,7 @@ pub mod collector;
 pub mod config;
 pub mod gpu;
 pub mod host;
+pub mod inference;
 pub mod seq;
 pub mod uplink;
 
@@ -37,6 +38,8 @@ pub enum AgentError {
     NotANodeCertificate { path: String, identity: String },
     #[error("ack log: {0}")]
     AckLog(std::io::Error),
+    #[error("inference collector: {0}")]
+    Inference(#[from] inference::InferenceError),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -61,7 +64,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let seq = seq::SeqAllocator::open(&config.data_dir)?;
 
     let gpu_source: Box<dyn GpuSource> = match config.gpu.source {
-        GpuSourceChoice::None => Box::new(gpu::NoGpus),
+        GpuSourceChoice::None => Box::new(gpu::NoGpus::disabled()),
+        GpuSourceChoice::Nvml => match gpu::nvml::NvmlGpus::open() {
+            Ok(nvml) => Box::new(nvml),
+            Err(error) if error.is_no_driver() => {
+                // Said once, here; the inventory carries the note from now on.
+                tracing::warn!(%error, "no NVIDIA driver on this host; running without GPU data");
+                Box::new(gpu::NoGpus::with(error.to_inventory()))
+            }
+            Err(error) => {
+                // A driver that is there but broken is worth an alarm: the GPU
+                // collector reports it on every batch, so the node shows degraded.
+                tracing::error!(%error, "NVML failed to start; GPU data unavailable");
+                Box::new(gpu::FailedGpus::new(error.to_inventory()))
+            }
+        },
         GpuSourceChoice::Simulated => {
             let seed = config.gpu.simulated_seed.unwrap_or_else(|| gpu::simulated::seed_from(node.as_str()));
             Box::new(gpu::simulated::SimulatedGpus::new(config.gpu.simulated_count, seed))
@@ -77,7 +94,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         .with_simulation(simulation);
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel(1024);
-    tracker.spawn(collector::run(gpu_source, host, config.interval, tx, shutdown.child_token()));
+    let inference = inference::InferenceCollector::new(config.inference.clone())?;
+    let sources = collector::Sources { gpu: gpu_source, host, inference };
+    tracker.spawn(collector::run(sources, config.interval, tx, shutdown.child_token()));
     tracker.spawn(uplink.run(rx, shutdown.child_token()));
     tracker.close();
     tracker.wait().await;

@@ -38,7 +38,7 @@ struct Args {
     /// Telemetry interval, e.g. 1s or 500ms.
     #[arg(long, env = "FLOTILLA_INTERVAL", value_parser = humantime::parse_duration)]
     interval: Option<Duration>,
-    /// GPU source: none or simulated.
+    /// GPU source: nvml (default), none or simulated.
     #[arg(long, env = "FLOTILLA_GPU_SOURCE", value_parser = parse_gpu_source)]
     gpu_source: Option<GpuSourceChoice>,
     /// Number of simulated GPUs.
@@ -54,9 +54,10 @@ struct Args {
 
 fn parse_gpu_source(s: &str) -> Result<GpuSourceChoice, String> {
     match s {
+        "nvml" => Ok(GpuSourceChoice::Nvml),
         "none" => Ok(GpuSourceChoice::None),
         "simulated" => Ok(GpuSourceChoice::Simulated),
-        other => Err(format!("unknown GPU source {other:?}: use none or simulated")),
+        other => Err(format!("unknown GPU source {other:?}: use nvml, none or simulated")),
     }
 }
 

@@ -263,11 +263,13 @@ pub struct AgentOpts {
     pub interval: &'static str,
     pub claim: Option<String>,
     pub cert: Option<CertPaths>,
+    /// Extra agent config (TOML), passed with --config.
+    pub config_toml: Option<String>,
 }
 
 impl Default for AgentOpts {
     fn default() -> Self {
-        Self { gpus: 4, interval: "200ms", claim: None, cert: None }
+        Self { gpus: 4, interval: "200ms", claim: None, cert: None, config_toml: None }
     }
 }
 
@@ -308,6 +310,11 @@ impl Agent {
             "--ack-log".into(),
             ack_log.display().to_string(),
         ];
+        if let Some(toml) = &opts.config_toml {
+            let path = state.join("agent.toml");
+            fs::write(&path, toml).expect("write agent config");
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
         if let Some(claim) = &opts.claim {
             args.extend(["--node-id".into(), claim.clone()]);
         }
@@ -486,4 +493,42 @@ pub fn eventually_within<T>(patience: Duration, what: &str, mut probe: impl FnMu
         assert!(Instant::now() < deadline, "timed out waiting for {what}; last observation: {last}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A stand-in inference server for tests (never shipped): serves a fixed
+/// vLLM-style `/metrics` page, `/v1/models` and `/health` on a loopback port
+/// from a thread, until the process ends.
+pub fn serve_inference_fixture(metrics_page: String) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind stand-in server");
+    let addr = listener.local_addr().expect("address").to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", metrics_page.clone()),
+                "/v1/models" => {
+                    ("200 OK", r#"{"object":"list","data":[{"id":"llama-3-8b","object":"model"}]}"#.to_owned())
+                }
+                "/health" => ("200 OK", String::new()),
+                _ => ("404 Not Found", String::new()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+/// The text of a metrics fixture in `tests/fixtures/metrics/`.
+pub fn metrics_fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/metrics").join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

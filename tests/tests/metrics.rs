@@ -193,3 +193,45 @@ fn a_real_prometheus_scrapes_the_fleet() {
     assert!(result.iter().all(|r| r["metric"]["uuid"].as_str().is_some_and(|u| u.starts_with("GPU-"))));
     drop(prometheus);
 }
+
+#[test]
+fn inference_server_metrics_reach_the_fleet_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let controller = Controller::start_with_metrics(dir.path(), &pki);
+    let url = controller.url();
+    let old = flotilla_tests::serve_inference_fixture(flotilla_tests::metrics_fixture("vllm-v0-0.6.6.post1.txt"));
+    let new = flotilla_tests::serve_inference_fixture(flotilla_tests::metrics_fixture("vllm-v1-0.11.0.txt"));
+    let config = format!(
+        "[[inference]]\nname = \"old\"\nurl = \"http://{old}\"\n\n[[inference]]\nname = \"new\"\nurl = \"http://{new}\"\n"
+    );
+    let _agent = Agent::start(
+        dir.path(),
+        &pki,
+        &url,
+        "gpu-a",
+        AgentOpts { gpus: 1, config_toml: Some(config), ..Default::default() },
+    );
+    wait_state(&pki, &url, "gpu-a", "up");
+    let body = eventually("inference series in /metrics", |last| {
+        let body = scrape(&pki, &controller);
+        let found = body.lines().filter(|l| l.starts_with("flotilla_inference_kv_cache_usage_ratio{")).count();
+        *last = format!("{found} kv-cache series");
+        (found == 2).then_some(body)
+    });
+    // Old (gpu_cache_usage_perc) and new (kv_cache_usage_perc) vLLM land on the same series names.
+    let names = |endpoint: &str| -> std::collections::BTreeSet<String> {
+        body.lines()
+            .filter(|l| l.starts_with("flotilla_inference_") && l.contains(&format!("endpoint=\"{endpoint}\"")))
+            .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(names("old"), names("new"));
+    for endpoint in ["old", "new"] {
+        let up = metric_value(&body, "flotilla_inference_up", &[("node", "gpu-a"), ("endpoint", endpoint)]);
+        assert_eq!(up, Some(1.0), "{endpoint}");
+        let kv = metric_value(&body, "flotilla_inference_kv_cache_usage_ratio", &[("endpoint", endpoint)]).unwrap();
+        assert!((0.0..=1.0).contains(&kv));
+    }
+    assert!(body.contains("# TYPE flotilla_inference_time_to_first_token_seconds histogram"));
+}
