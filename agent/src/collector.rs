@@ -54,7 +54,7 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
         });
         let (joined, round) =
             tokio::join!(blocking, async { if inference.is_empty() { None } else { Some(inference.collect().await) } });
-        let (gpu_back, host_back, gpu_result, host_sample) = match joined {
+        let (gpu_back, host_back, gpu_result, mut host_sample) = match joined {
             Ok(parts) => parts,
             Err(error) => {
                 tracing::error!(%error, "a collector panicked; stopping collection");
@@ -63,6 +63,7 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
         };
         gpu = gpu_back;
         host = host_back;
+        let host_reading_samples = std::mem::take(&mut host_sample.samples);
         let gpus = match gpu_result {
             Ok(samples) => {
                 if last_gpu_error.take().is_some() {
@@ -82,14 +83,15 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
             }
         };
         collectors.push(CollectorStatus { name: "host".into(), healthy: true, error: String::new() });
-        let host_sample = Some(host_sample);
-        let mut samples = match round {
+        let host_sample = Some(host_sample.host);
+        let mut samples = host_reading_samples;
+        samples.extend(match round {
             Some(round) => {
                 collectors.extend(round.statuses());
                 round.samples
             }
             None => Vec::new(),
-        };
+        });
         if samples.len() > MAX_SAMPLES {
             // The controller refuses oversized batches; keep the batch deliverable.
             collectors.push(CollectorStatus {

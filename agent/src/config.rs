@@ -30,6 +30,9 @@ pub struct Config {
     /// How often a heartbeat is sent (defaults to `interval`).
     #[serde(with = "humantime_serde", default)]
     pub heartbeat_interval: Option<Duration>,
+    /// The directory models are loaded from: its filesystem is reported by name
+    /// (`flotilla_node_model_dir_avail_bytes`), since that is the disk that fills up.
+    pub model_dir: Option<PathBuf>,
     /// Labels reported in the inventory (e.g. `rack = "r1"`, `role = "gateway"`).
     pub labels: BTreeMap<String, String>,
     pub gpu: GpuConfig,
@@ -69,6 +72,9 @@ pub struct GpuConfig {
 pub struct UplinkConfig {
     /// Unacknowledged batches kept in memory; past this the oldest are dropped (and counted).
     pub max_pending_batches: usize,
+    /// Bytes of unacknowledged batches kept on disk (`data_dir/buffer`); past this
+    /// the oldest are dropped (and counted).
+    pub buffer_max_bytes: u64,
     /// First reconnect delay; doubles per failure up to `backoff_max`, with jitter.
     #[serde(with = "humantime_serde")]
     pub backoff_initial: Duration,
@@ -91,6 +97,7 @@ impl Default for Config {
             data_dir: PathBuf::from("/var/lib/flotilla/agent"),
             interval: Duration::from_secs(5),
             heartbeat_interval: None,
+            model_dir: None,
             labels: BTreeMap::new(),
             gpu: GpuConfig::default(),
             inference: Vec::new(),
@@ -110,6 +117,7 @@ impl Default for UplinkConfig {
     fn default() -> Self {
         Self {
             max_pending_batches: 3600,
+            buffer_max_bytes: 256 * 1024 * 1024,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(30),
@@ -174,6 +182,9 @@ impl Config {
         }
         if self.gpu.simulated_count > 64 {
             return bad(format!("gpu.simulated_count {} is above 64", self.gpu.simulated_count));
+        }
+        if self.uplink.buffer_max_bytes < 1024 * 1024 {
+            return bad("uplink.buffer_max_bytes must be at least 1048576 (1 MiB)".to_owned());
         }
         if self.uplink.max_pending_batches == 0 {
             return bad("uplink.max_pending_batches must be at least 1".to_owned());

@@ -1,7 +1,13 @@
-//! Host metrics and inventory from the operating system (via `sysinfo`): CPU,
-//! load, memory, swap, filesystems and network counters.
+//! Host metrics and inventory from the operating system: CPU, load, memory,
+//! swap, filesystems and network counters via `sysinfo`; disk I/O utilisation
+//! from `/proc/diskstats` via `procfs`; and the filesystem holding the model
+//! directory, named, because that is the disk that fills up.
 
-use flotilla_common::model::{FilesystemSample, HostSample, NetworkSample};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use flotilla_common::model::{FilesystemSample, HostSample, NetworkSample, Sample};
 use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System};
 
 /// Filesystem types that hold no user data and only clutter the list.
@@ -43,11 +49,22 @@ pub struct HostFacts {
     pub memory_total_bytes: u64,
 }
 
-/// Collects host samples; keeps state between calls (CPU usage is a delta).
+/// Collects host samples; keeps state between calls (CPU usage and disk
+/// utilisation are deltas).
 pub struct HostCollector {
     system: System,
     disks: Disks,
     networks: Networks,
+    model_dir: Option<PathBuf>,
+    /// Per block device: I/O milliseconds so far, and when they were read.
+    last_io: HashMap<String, (u64, Instant)>,
+}
+
+/// One host reading: the typed sample and the named extras (disk I/O, model dir).
+#[derive(Debug, Clone, Default)]
+pub struct HostReading {
+    pub host: HostSample,
+    pub samples: Vec<Sample>,
 }
 
 impl std::fmt::Debug for HostCollector {
@@ -69,7 +86,19 @@ impl HostCollector {
                 .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
                 .with_memory(MemoryRefreshKind::everything()),
         );
-        Self { system, disks: Disks::new_with_refreshed_list(), networks: Networks::new_with_refreshed_list() }
+        Self {
+            system,
+            disks: Disks::new_with_refreshed_list(),
+            networks: Networks::new_with_refreshed_list(),
+            model_dir: None,
+            last_io: HashMap::new(),
+        }
+    }
+
+    /// Names the filesystem that holds `dir` (the model directory) in every reading.
+    pub fn with_model_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.model_dir = dir;
+        self
     }
 
     /// Static host facts.
@@ -87,8 +116,18 @@ impl HostCollector {
         }
     }
 
-    /// One sample of the host. The first CPU figure after start is 0 (no delta yet).
-    pub fn sample(&mut self) -> HostSample {
+    /// One reading of the host. The first CPU and disk-utilisation figures after
+    /// start are 0 (no delta yet).
+    pub fn sample(&mut self) -> HostReading {
+        let host = self.host_sample();
+        let mut samples = self.disk_io();
+        if let Some(dir) = &self.model_dir {
+            samples.extend(model_dir_samples(dir, &host.filesystems));
+        }
+        HostReading { host, samples }
+    }
+
+    fn host_sample(&mut self) -> HostSample {
         self.system.refresh_cpu_usage();
         self.system.refresh_memory();
         self.disks.refresh(true);
@@ -134,6 +173,70 @@ impl HostCollector {
     }
 }
 
+impl HostCollector {
+    /// Utilisation (share of wall time with I/O in flight) and bytes of each whole disk.
+    fn disk_io(&mut self) -> Vec<Sample> {
+        let Ok(stats) = procfs::diskstats() else { return Vec::new() };
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for d in stats.into_iter().filter(|d| is_whole_disk(&d.name)).take(MAX_ENTRIES) {
+            let labels =
+                [("device".to_owned(), d.name.clone())].into_iter().collect::<std::collections::BTreeMap<_, _>>();
+            if let Some((ticks, at)) = self.last_io.get(&d.name) {
+                let wall_ms = now.saturating_duration_since(*at).as_secs_f64() * 1000.0;
+                if wall_ms > 0.0 {
+                    let busy = d.time_in_progress.saturating_sub(*ticks) as f64;
+                    out.push(Sample {
+                        name: "flotilla_node_disk_io_utilization_ratio".into(),
+                        labels: labels.clone(),
+                        value: (busy / wall_ms).clamp(0.0, 1.0),
+                    });
+                }
+            }
+            // /proc/diskstats counts 512-byte sectors whatever the device's sector size.
+            out.push(Sample {
+                name: "flotilla_node_disk_read_bytes_total".into(),
+                labels: labels.clone(),
+                value: d.sectors_read as f64 * 512.0,
+            });
+            out.push(Sample {
+                name: "flotilla_node_disk_written_bytes_total".into(),
+                labels,
+                value: d.sectors_written as f64 * 512.0,
+            });
+            self.last_io.insert(d.name, (d.time_in_progress, now));
+        }
+        out
+    }
+}
+
+/// Whole block devices (not partitions, loop or RAM disks): `/sys/block/NAME` exists.
+fn is_whole_disk(name: &str) -> bool {
+    !name.starts_with("loop") && !name.starts_with("ram") && Path::new("/sys/block").join(name).exists()
+}
+
+/// Size and free space of the filesystem that holds `dir`: the longest mount
+/// point that is a prefix of it.
+fn model_dir_samples(dir: &Path, filesystems: &[FilesystemSample]) -> Vec<Sample> {
+    let Some(fs) =
+        filesystems.iter().filter(|fs| dir.starts_with(&fs.mount_point)).max_by_key(|fs| fs.mount_point.len())
+    else {
+        return Vec::new();
+    };
+    let labels: std::collections::BTreeMap<String, String> =
+        [("path".to_owned(), dir.display().to_string()), ("mountpoint".to_owned(), fs.mount_point.clone())]
+            .into_iter()
+            .collect();
+    vec![
+        Sample {
+            name: "flotilla_node_model_dir_size_bytes".into(),
+            labels: labels.clone(),
+            value: fs.size_bytes as f64,
+        },
+        Sample { name: "flotilla_node_model_dir_avail_bytes".into(), labels, value: fs.avail_bytes as f64 },
+    ]
+}
+
 fn finite(v: f64) -> f64 {
     if v.is_finite() { v } else { 0.0 }
 }
@@ -148,8 +251,32 @@ mod tests {
         let facts = c.facts();
         assert!(facts.cpu_cores >= 1);
         assert!(facts.memory_total_bytes > 0);
-        let s = c.sample();
+        let s = c.sample().host;
         assert!(s.memory_total_bytes >= s.memory_available_bytes);
         assert!((0.0..=1.0).contains(&s.cpu_utilization_ratio));
+    }
+
+    #[test]
+    fn the_model_dir_is_found_on_its_mount() {
+        let fs = |m: &str| FilesystemSample {
+            mount_point: m.into(),
+            size_bytes: 100,
+            avail_bytes: 40,
+            ..Default::default()
+        };
+        let found = model_dir_samples(Path::new("/data/models/llama"), &[fs("/"), fs("/data"), fs("/data2")]);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].labels["mountpoint"], "/data");
+        assert_eq!(found[1].value, 40.0);
+        assert!(model_dir_samples(Path::new("relative"), &[fs("/")]).is_empty());
+    }
+
+    #[test]
+    fn disk_utilisation_is_a_ratio() {
+        let mut c = HostCollector::new();
+        let _ = c.sample();
+        for s in c.sample().samples.iter().filter(|s| s.name.ends_with("utilization_ratio")) {
+            assert!((0.0..=1.0).contains(&s.value), "{s:?}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! `main.rs` is thin: it parses flags and calls [`run`]; tests and `flotctl demo`
 //! call [`run`] in-process.
 
+pub mod buffer;
 pub mod collector;
 pub mod config;
 pub mod gpu;
@@ -32,6 +33,8 @@ pub enum AgentError {
     Client(#[from] flotilla_common::client::ClientError),
     #[error("{0}")]
     Seq(#[from] seq::SeqError),
+    #[error("{0}")]
+    Buffer(#[from] buffer::BufferError),
     #[error(
         "agent certificate {path}: it identifies {identity}, not a node; issue one with `flotctl cert issue --node ID`"
     )]
@@ -62,6 +65,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     };
     let endpoint = flotilla_common::client::endpoint(&config.controller, &config.tls)?;
     let seq = seq::SeqAllocator::open(&config.data_dir)?;
+    let (buffer, buffered) = buffer::DiskBuffer::open(&config.data_dir.join("buffer"), config.uplink.buffer_max_bytes)?;
 
     let gpu_source: Box<dyn GpuSource> = match config.gpu.source {
         GpuSourceChoice::None => Box::new(gpu::NoGpus::disabled()),
@@ -84,14 +88,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             Box::new(gpu::simulated::SimulatedGpus::new(config.gpu.simulated_count, seed))
         }
     };
-    let mut host = host::HostCollector::new();
+    let mut host = host::HostCollector::new().with_model_dir(config.model_dir.clone());
     let inventory = build_inventory(&config, &mut host, gpu_source.as_ref());
     tracing::info!(node_id = %node, controller = %config.controller, gpus = inventory.gpus.len(), gpu_source = inventory.gpu_source.as_str(), "agent starting");
 
     let simulation = gpu_source.simulation();
-    let uplink = uplink::Uplink::new(node, inventory, endpoint, config.heartbeat(), config.uplink.clone(), seq)
-        .map_err(AgentError::AckLog)?
-        .with_simulation(simulation);
+    let uplink = uplink::Uplink::new(
+        node,
+        inventory,
+        endpoint,
+        config.heartbeat(),
+        config.uplink.clone(),
+        uplink::Durable { seq, buffer, buffered },
+    )
+    .map_err(AgentError::AckLog)?
+    .with_simulation(simulation);
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel(1024);
     let inference = inference::InferenceCollector::new(config.inference.clone())?;

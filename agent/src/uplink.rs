@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Endpoint;
 
+use crate::buffer::DiskBuffer;
 use crate::config::UplinkConfig;
 use crate::seq::SeqAllocator;
 
@@ -29,9 +30,20 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a clean shutdown waits for the last acknowledgements.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(2);
 
+/// The uplink's state on disk: the seq counter and the telemetry buffer with
+/// what it held at start-up.
+#[derive(Debug)]
+pub struct Durable {
+    pub seq: SeqAllocator,
+    pub buffer: DiskBuffer,
+    pub buffered: Vec<TelemetryBatch>,
+}
+
 struct Pending {
     batch: TelemetryBatch,
     sent_at: Option<Instant>,
+    /// Loaded from the disk buffer at start-up (made by an earlier run).
+    from_disk: bool,
 }
 
 /// An open stream.
@@ -56,6 +68,7 @@ pub struct Uplink {
     config: UplinkConfig,
     seq: SeqAllocator,
     pending: VecDeque<Pending>,
+    buffer: DiskBuffer,
     dropped: u64,
     ack_log: Option<std::fs::File>,
     welcomed_once: bool,
@@ -76,12 +89,21 @@ impl Uplink {
         endpoint: Endpoint,
         heartbeat: Duration,
         config: UplinkConfig,
-        seq: SeqAllocator,
+        durable: Durable,
     ) -> Result<Self, std::io::Error> {
+        let Durable { mut seq, buffer, buffered } = durable;
         let ack_log = match &config.ack_log {
             Some(path) => Some(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
             None => None,
         };
+        // Batches an earlier run left unacknowledged go first, with their own seqs.
+        if let Some(last) = buffered.last() {
+            seq.skip_past(last.seq).map_err(std::io::Error::other)?;
+            tracing::info!(batches = buffered.len(), "resending telemetry buffered by an earlier run");
+        }
+        let skip = buffered.len().saturating_sub(config.max_pending_batches);
+        let pending: VecDeque<Pending> =
+            buffered.into_iter().skip(skip).map(|batch| Pending { batch, sent_at: None, from_disk: true }).collect();
         Ok(Self {
             node,
             inventory,
@@ -89,8 +111,9 @@ impl Uplink {
             heartbeat,
             config,
             seq,
-            pending: VecDeque::new(),
-            dropped: 0,
+            pending,
+            buffer,
+            dropped: skip as u64,
             ack_log,
             welcomed_once: false,
             simulation: None,
@@ -116,8 +139,13 @@ impl Uplink {
         }
     }
 
-    /// Runs until `cancel` fires.
-    pub async fn run(mut self, mut batches: mpsc::Receiver<TelemetryBatch>, cancel: CancellationToken) {
+    /// Runs until `cancel` fires, then syncs the disk buffer.
+    pub async fn run(mut self, batches: mpsc::Receiver<TelemetryBatch>, cancel: CancellationToken) {
+        self.run_links(batches, cancel).await;
+        self.close_buffer();
+    }
+
+    async fn run_links(&mut self, mut batches: mpsc::Receiver<TelemetryBatch>, cancel: CancellationToken) {
         let mut failures: u32 = 0;
         loop {
             if cancel.is_cancelled() {
@@ -163,18 +191,44 @@ impl Uplink {
                 return None;
             }
         };
-        if self.pending.len() >= self.config.max_pending_batches {
-            self.pending.pop_front();
-            self.dropped += 1;
-            if self.dropped == 1 || self.dropped.is_multiple_of(100) {
+        let mut dropped = Vec::new();
+        if self.pending.len() >= self.config.max_pending_batches
+            && let Some(oldest) = self.pending.pop_front()
+        {
+            dropped.push(oldest.batch.seq);
+        }
+        // The agent's own health rides along with the data it concerns.
+        batch.samples.extend([
+            agent_sample("flotilla_agent_buffer_dropped_batches_total", self.dropped as f64),
+            agent_sample("flotilla_agent_buffer_pending_batches", self.pending.len() as f64),
+            agent_sample("flotilla_agent_buffer_bytes", self.buffer.bytes() as f64),
+        ]);
+        match self.buffer.append(&batch) {
+            Ok(over) => {
+                self.pending.retain(|p| !over.contains(&p.batch.seq));
+                dropped.extend(over);
+            }
+            Err(error) => {
+                // Still sent from memory; only an agent restart would lose it.
+                tracing::warn!(%error, seq = batch.seq, "cannot write the telemetry buffer");
+            }
+        }
+        if !dropped.is_empty() {
+            if let Err(error) = self.buffer.remove(&dropped) {
+                tracing::warn!(%error, "cannot trim the telemetry buffer");
+            }
+            let before = self.dropped;
+            self.dropped += dropped.len() as u64;
+            if before == 0 || before / 100 != self.dropped / 100 {
                 tracing::warn!(
                     dropped_total = self.dropped,
-                    bound = self.config.max_pending_batches,
+                    max_batches = self.config.max_pending_batches,
+                    max_bytes = self.config.buffer_max_bytes,
                     "telemetry buffer full; dropping the oldest unacknowledged batches"
                 );
             }
         }
-        self.pending.push_back(Pending { batch, sent_at: None });
+        self.pending.push_back(Pending { batch, sent_at: None, from_disk: false });
         Some(self.pending.len() - 1)
     }
 
@@ -221,7 +275,9 @@ impl Uplink {
         }
         let mut renumbered = 0;
         for p in self.pending.iter_mut() {
-            if p.batch.seq <= welcome.last_stored_seq
+            // Batches from the disk buffer keep their seqs: they may be stored already.
+            if !p.from_disk
+                && p.batch.seq <= welcome.last_stored_seq
                 && let Ok(seq) = self.seq.allocate()
             {
                 p.batch.seq = seq;
@@ -310,6 +366,9 @@ impl Uplink {
     fn on_ack(&mut self, seqs: &[u64]) {
         let acked: BTreeSet<u64> = seqs.iter().copied().collect();
         self.pending.retain(|p| !acked.contains(&p.batch.seq));
+        if let Err(error) = self.buffer.remove(seqs) {
+            tracing::warn!(%error, "cannot trim the telemetry buffer");
+        }
         if let Some(log) = self.ack_log.as_mut() {
             let text: String = seqs.iter().map(|s| format!("{s}\n")).collect();
             if let Err(error) = log.write_all(text.as_bytes()).and_then(|()| log.flush()) {
@@ -328,13 +387,24 @@ impl Uplink {
                 _ => break,
             }
         }
+    }
+
+    /// Syncs the disk buffer; what is still unacknowledged is sent by the next run.
+    fn close_buffer(&mut self) {
+        if let Err(error) = self.buffer.sync() {
+            tracing::warn!(%error, "cannot sync the telemetry buffer");
+        }
         if !self.pending.is_empty() {
-            tracing::warn!(
+            tracing::info!(
                 unacknowledged = self.pending.len(),
-                "stopping with unacknowledged telemetry (kept in memory only)"
+                "stopping; unacknowledged telemetry stays in the disk buffer"
             );
         }
     }
+}
+
+fn agent_sample(name: &str, value: f64) -> flotilla_common::model::Sample {
+    flotilla_common::model::Sample { name: name.to_owned(), labels: Default::default(), value }
 }
 
 /// Turns a refusal into words; a refusal by policy is logged loudly once here.
