@@ -11,6 +11,7 @@ pub mod config;
 pub mod gpu;
 pub mod host;
 pub mod inference;
+pub mod runtime;
 pub mod seq;
 pub mod uplink;
 

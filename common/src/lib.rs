@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod config;
+pub mod envelope;
 pub mod identity;
 pub mod ids;
 pub mod logging;

@@ -237,6 +237,15 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from(rand::random::<u64>() >> 1)
 }
 
+/// Writes a private key file atomically with mode 0600.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    write_file(dir, path, bytes, Secret::Yes).map_err(|e| match e {
+        PkiError::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    })
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Secret {
     Yes,

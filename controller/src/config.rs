@@ -49,9 +49,13 @@ pub struct AgentPolicy {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryPolicy {
-    /// Batches older than this are deleted.
+    /// The raw window: batches older than this are deleted once rolled up, and
+    /// queries reaching further back are answered from rollups.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// One-minute rollups older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub rollup_retention: Duration,
     /// Most batches written under one flush (group commit).
     pub max_commit_group: usize,
     /// Depth of the queue in front of the committer; a full queue slows agents down.
@@ -100,7 +104,12 @@ impl Default for AgentPolicy {
 
 impl Default for TelemetryPolicy {
     fn default() -> Self {
-        Self { retention: Duration::from_secs(7 * 24 * 3600), max_commit_group: 4096, commit_queue: 16_384 }
+        Self {
+            retention: Duration::from_secs(3600),
+            rollup_retention: Duration::from_secs(30 * 24 * 3600),
+            max_commit_group: 4096,
+            commit_queue: 16_384,
+        }
     }
 }
 
@@ -155,6 +164,12 @@ impl Config {
         if self.agents.min_heartbeat_interval > self.agents.max_heartbeat_interval {
             return bad("agents.min_heartbeat_interval is above agents.max_heartbeat_interval");
         }
+        if self.telemetry.retention < Duration::from_secs(60) {
+            return bad("telemetry.retention must be at least 1m (rollups are per minute)");
+        }
+        if self.telemetry.rollup_retention < self.telemetry.retention {
+            return bad("telemetry.rollup_retention is below telemetry.retention");
+        }
         if self.telemetry.max_commit_group == 0 || self.telemetry.commit_queue == 0 {
             return bad("telemetry.max_commit_group and telemetry.commit_queue must be at least 1");
         }
@@ -177,6 +192,20 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.toml");
         let config = Config::load(Some(&path), Overrides::default()).unwrap();
         assert_eq!(config.agents.missed_heartbeats, 3);
+        let defaults = TelemetryPolicy::default();
+        assert_eq!(config.telemetry.retention, defaults.retention, "the example shows the defaults");
+        assert_eq!(config.telemetry.rollup_retention, defaults.rollup_retention);
+    }
+
+    #[test]
+    fn retention_windows_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[telemetry]\nretention = \"2h\"\nrollup_retention = \"1h\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("rollup_retention"), "{err}");
+        std::fs::write(&path, "[telemetry]\nretention = \"10s\"\n").unwrap();
+        assert!(Config::load(Some(&path), Overrides::default()).is_err());
     }
 
     #[test]

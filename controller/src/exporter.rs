@@ -6,13 +6,14 @@ pub mod http;
 
 use std::collections::BTreeMap;
 
-use flotilla_common::model::{CLOCK_EVENT_REASONS, GpuSample, HostSample, Inventory, Sample};
+use flotilla_common::model::{Inventory, NodeState};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use tokio::time::Instant;
 
 use crate::fleetview::FleetView;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, node_state};
+use crate::series::{Labels, Metric, Value, batch_metrics};
 
 /// Everything a scrape needs.
 #[derive(Clone)]
@@ -30,21 +31,19 @@ impl std::fmt::Debug for Exporter {
     }
 }
 
-type Labels = Vec<(String, String)>;
-
 /// Metric families under construction, keyed by name so each is written once.
 #[derive(Default)]
 struct Families {
     map: BTreeMap<String, MetricFamily>,
 }
 
-fn label_pairs(labels: &Labels) -> Vec<proto::LabelPair> {
+fn label_pairs(labels: Labels) -> Vec<proto::LabelPair> {
     labels
-        .iter()
+        .into_iter()
         .map(|(k, v)| {
             let mut p = proto::LabelPair::default();
-            p.set_name(k.clone());
-            p.set_value(v.clone());
+            p.set_name(k);
+            p.set_value(v);
             p
         })
         .collect()
@@ -61,44 +60,43 @@ impl Families {
         })
     }
 
-    fn gauge(&mut self, name: &str, help: &str, labels: &Labels, value: f64) {
+    fn push(&mut self, metric: Metric) {
+        let Metric { name, help, labels, value } = metric;
         let mut m = proto::Metric::default();
         m.set_label(label_pairs(labels));
-        let mut g = proto::Gauge::default();
-        g.set_value(value);
-        m.set_gauge(g);
-        self.family(name, help, MetricType::GAUGE).mut_metric().push(m);
-    }
-
-    fn counter(&mut self, name: &str, help: &str, labels: &Labels, value: f64) {
-        let mut m = proto::Metric::default();
-        m.set_label(label_pairs(labels));
-        let mut c = proto::Counter::default();
-        c.set_value(value);
-        m.set_counter(c);
-        self.family(name, help, MetricType::COUNTER).mut_metric().push(m);
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, labels: &Labels, h: &HistogramParts) {
-        let mut m = proto::Metric::default();
-        m.set_label(label_pairs(labels));
-        let mut hist = proto::Histogram::default();
-        let count = h.count.or(h.inf).unwrap_or(0.0);
-        hist.set_sample_count(to_count(count));
-        hist.set_sample_sum(h.sum.unwrap_or(0.0));
-        hist.set_bucket(
-            h.buckets
-                .iter()
-                .map(|(le, c)| {
-                    let mut b = proto::Bucket::default();
-                    b.set_upper_bound(*le);
-                    b.set_cumulative_count(to_count(*c));
-                    b
-                })
-                .collect(),
-        );
-        m.set_histogram(hist);
-        self.family(name, help, MetricType::HISTOGRAM).mut_metric().push(m);
+        let kind = match value {
+            Value::Gauge(v) => {
+                let mut g = proto::Gauge::default();
+                g.set_value(v);
+                m.set_gauge(g);
+                MetricType::GAUGE
+            }
+            Value::Counter(v) => {
+                let mut c = proto::Counter::default();
+                c.set_value(v);
+                m.set_counter(c);
+                MetricType::COUNTER
+            }
+            Value::Histogram(h) => {
+                let mut hist = proto::Histogram::default();
+                hist.set_sample_count(h.count);
+                hist.set_sample_sum(h.sum);
+                hist.set_bucket(
+                    h.buckets
+                        .iter()
+                        .map(|(le, c)| {
+                            let mut b = proto::Bucket::default();
+                            b.set_upper_bound(*le);
+                            b.set_cumulative_count(*c);
+                            b
+                        })
+                        .collect(),
+                );
+                m.set_histogram(hist);
+                MetricType::HISTOGRAM
+            }
+        };
+        self.family(&name, help, kind).mut_metric().push(m);
     }
 
     fn encode(self, out: &mut String) {
@@ -107,18 +105,6 @@ impl Families {
             tracing::warn!(%error, "encoding fleet metrics failed");
         }
     }
-}
-
-fn to_count(v: f64) -> u64 {
-    if v.is_finite() && v > 0.0 { v as u64 } else { 0 }
-}
-
-#[derive(Debug, Default)]
-struct HistogramParts {
-    buckets: Vec<(f64, f64)>,
-    inf: Option<f64>,
-    sum: Option<f64>,
-    count: Option<f64>,
 }
 
 impl Exporter {
@@ -130,35 +116,30 @@ impl Exporter {
             let session = self.registry.session(&node);
             let (st, _) = node_state(session.as_ref(), state.latest.as_ref(), now, self.missed_heartbeats);
             let n: Labels = vec![("node".into(), node.to_string())];
-            let up = if matches!(st, flotilla_common::model::NodeState::Down) { 0.0 } else { 1.0 };
-            f.gauge("flotilla_agent_up", "1 when the node's agent is connected and heartbeating.", &n, up);
-            for s in [
-                flotilla_common::model::NodeState::Up,
-                flotilla_common::model::NodeState::Degraded,
-                flotilla_common::model::NodeState::Cordoned,
-                flotilla_common::model::NodeState::Draining,
-                flotilla_common::model::NodeState::Down,
-            ] {
+            let up = if matches!(st, NodeState::Down) { 0.0 } else { 1.0 };
+            f.push(Metric::gauge(
+                "flotilla_agent_up",
+                "1 when the node's agent is connected and heartbeating.",
+                n.clone(),
+                up,
+            ));
+            for s in [NodeState::Up, NodeState::Degraded, NodeState::Cordoned, NodeState::Draining, NodeState::Down] {
                 let mut l = n.clone();
                 l.push(("state".into(), s.as_str().into()));
-                f.gauge("flotilla_node_state", "1 for the node's current state.", &l, if s == st { 1.0 } else { 0.0 });
+                let value = if s == st { 1.0 } else { 0.0 };
+                f.push(Metric::gauge("flotilla_node_state", "1 for the node's current state.", l, value));
             }
             node_info(&mut f, &n, &state.inventory);
             if let Some(batch) = &state.latest {
-                f.gauge(
+                f.push(Metric::gauge(
                     "flotilla_node_last_sample_timestamp_seconds",
                     "When the agent made its newest stored batch.",
-                    &n,
+                    n,
                     batch.created_unix_ms as f64 / 1000.0,
-                );
-                for gpu in &batch.gpus {
-                    let model = state.inventory.gpus.iter().find(|g| g.index == gpu.index).map(|g| g.model.clone());
-                    gpu_series(&mut f, &node, gpu, model.unwrap_or_default());
+                ));
+                for metric in batch_metrics(&node, &state.inventory, batch) {
+                    f.push(metric);
                 }
-                if let Some(host) = &batch.host {
-                    host_series(&mut f, &n, host);
-                }
-                generic_series(&mut f, &n, &batch.samples);
             }
         }
         self.metrics.agents_connected.set(i64::try_from(self.registry.len()).unwrap_or(i64::MAX));
@@ -181,220 +162,40 @@ fn node_info(f: &mut Families, n: &Labels, inv: &Inventory) {
         ("gpu_source".to_owned(), inv.gpu_source.as_str().to_owned()),
         ("driver_version".to_owned(), inv.driver_version.clone()),
     ]);
-    f.gauge("flotilla_node_info", "Static facts about the node (value is always 1).", &l, 1.0);
-    f.gauge("flotilla_node_gpus", "GPUs in the node's inventory.", n, inv.gpus.len() as f64);
-}
-
-fn gpu_series(f: &mut Families, node: &flotilla_common::NodeId, g: &GpuSample, model: String) {
-    let l: Labels = vec![
-        ("node".into(), node.to_string()),
-        ("gpu".into(), g.index.to_string()),
-        ("uuid".into(), g.uuid.clone()),
-        ("model".into(), model),
-    ];
-    let gauges: [(&str, &str, Option<f64>); 12] = [
-        ("flotilla_gpu_utilization_ratio", "GPU (SM) utilisation, 0-1.", g.utilization_ratio),
-        ("flotilla_gpu_memory_utilization_ratio", "Memory controller utilisation, 0-1.", g.memory_utilization_ratio),
-        ("flotilla_gpu_memory_used_bytes", "GPU memory in use.", g.memory_used_bytes.map(|v| v as f64)),
-        ("flotilla_gpu_memory_total_bytes", "GPU memory installed.", g.memory_total_bytes.map(|v| v as f64)),
-        (
-            "flotilla_gpu_memory_reserved_bytes",
-            "GPU memory reserved by the driver.",
-            g.memory_reserved_bytes.map(|v| v as f64),
-        ),
-        ("flotilla_gpu_temperature_celsius", "GPU core temperature.", g.temperature_celsius),
-        ("flotilla_gpu_memory_temperature_celsius", "GPU memory (HBM) temperature.", g.memory_temperature_celsius),
-        ("flotilla_gpu_power_watts", "Power draw.", g.power_watts),
-        ("flotilla_gpu_power_limit_watts", "Enforced power limit.", g.power_limit_watts),
-        ("flotilla_gpu_sm_clock_hertz", "SM clock.", g.sm_clock_mhz.map(|v| f64::from(v) * 1e6)),
-        ("flotilla_gpu_memory_clock_hertz", "Memory clock.", g.memory_clock_mhz.map(|v| f64::from(v) * 1e6)),
-        ("flotilla_gpu_pcie_receive_bytes_per_second", "PCIe receive throughput.", g.pcie_rx_bytes_per_second),
-    ];
-    for (name, help, v) in gauges {
-        if let Some(v) = v {
-            f.gauge(name, help, &l, v);
-        }
-    }
-    if let Some(v) = g.pcie_tx_bytes_per_second {
-        f.gauge("flotilla_gpu_pcie_transmit_bytes_per_second", "PCIe transmit throughput.", &l, v);
-    }
-    if let Some(v) = g.energy_joules_total {
-        f.counter("flotilla_gpu_energy_joules_total", "Energy used since the driver loaded.", &l, v);
-    }
-    if let Some(v) = g.pcie_replay_total {
-        f.counter("flotilla_gpu_pcie_replays_total", "PCIe replay counter.", &l, v as f64);
-    }
-    if let Some(mask) = g.clock_event_reasons {
-        for (bit, reason) in CLOCK_EVENT_REASONS {
-            let mut rl = l.clone();
-            rl.push(("reason".into(), reason.into()));
-            let active = if mask & bit != 0 { 1.0 } else { 0.0 };
-            f.gauge(
-                "flotilla_gpu_clock_event_active",
-                "1 while the clocks are held down for this reason.",
-                &rl,
-                active,
-            );
-        }
-    }
-    for (kind, scope, v) in [
-        ("corrected", "volatile", g.ecc_corrected_volatile_total),
-        ("uncorrected", "volatile", g.ecc_uncorrected_volatile_total),
-        ("corrected", "aggregate", g.ecc_corrected_aggregate_total),
-        ("uncorrected", "aggregate", g.ecc_uncorrected_aggregate_total),
-    ] {
-        if let Some(v) = v {
-            let mut el = l.clone();
-            el.extend([("type".to_owned(), kind.to_owned()), ("scope".to_owned(), scope.to_owned())]);
-            f.counter("flotilla_gpu_ecc_errors_total", "ECC errors (volatile: since the last reset).", &el, v as f64);
-        }
-    }
-    for (kind, v) in [("correctable", g.remapped_rows_correctable), ("uncorrectable", g.remapped_rows_uncorrectable)] {
-        if let Some(v) = v {
-            let mut rl = l.clone();
-            rl.push(("type".into(), kind.into()));
-            f.counter("flotilla_gpu_remapped_rows_total", "Rows remapped because of memory errors.", &rl, v as f64);
-        }
-    }
-    if let Some(v) = g.remapped_rows_pending {
-        f.gauge("flotilla_gpu_remapped_rows_pending", "1 when a remap waits for a GPU reset.", &l, bool_value(v));
-    }
-    if let Some(v) = g.remapped_rows_failed {
-        f.gauge(
-            "flotilla_gpu_remapped_rows_failed",
-            "1 when a row remap failed (the GPU needs service).",
-            &l,
-            bool_value(v),
-        );
-    }
-    for (cause, v) in [("single_bit", g.retired_pages_single_bit), ("double_bit", g.retired_pages_double_bit)] {
-        if let Some(v) = v {
-            let mut rl = l.clone();
-            rl.push(("cause".into(), cause.into()));
-            f.counter("flotilla_gpu_retired_pages_total", "Memory pages retired.", &rl, v as f64);
-        }
-    }
-    for x in &g.xid_events {
-        let mut xl = l.clone();
-        xl.push(("xid".into(), x.code.to_string()));
-        f.counter("flotilla_gpu_xid_errors_total", "XID errors seen since the agent started.", &xl, x.count as f64);
-    }
-    for p in &g.processes {
-        if let Some(used) = p.used_memory_bytes {
-            let mut pl = l.clone();
-            pl.extend([("pid".to_owned(), p.pid.to_string()), ("process".to_owned(), p.name.clone())]);
-            f.gauge("flotilla_gpu_process_memory_used_bytes", "GPU memory used by one process.", &pl, used as f64);
-        }
-    }
-}
-
-fn bool_value(b: bool) -> f64 {
-    if b { 1.0 } else { 0.0 }
-}
-
-fn host_series(f: &mut Families, n: &Labels, h: &HostSample) {
-    f.gauge("flotilla_node_cpu_utilization_ratio", "CPU utilisation over all cores, 0-1.", n, h.cpu_utilization_ratio);
-    f.gauge("flotilla_node_load1", "1-minute load average.", n, h.load1);
-    f.gauge("flotilla_node_load5", "5-minute load average.", n, h.load5);
-    f.gauge("flotilla_node_load15", "15-minute load average.", n, h.load15);
-    f.gauge("flotilla_node_memory_total_bytes", "Physical memory.", n, h.memory_total_bytes as f64);
-    f.gauge(
-        "flotilla_node_memory_available_bytes",
-        "Memory available for new work.",
-        n,
-        h.memory_available_bytes as f64,
-    );
-    f.gauge("flotilla_node_swap_total_bytes", "Swap space.", n, h.swap_total_bytes as f64);
-    f.gauge("flotilla_node_swap_used_bytes", "Swap in use.", n, h.swap_used_bytes as f64);
-    for fs in &h.filesystems {
-        let mut l = n.clone();
-        l.extend([
-            ("mountpoint".to_owned(), fs.mount_point.clone()),
-            ("device".to_owned(), fs.device.clone()),
-            ("fstype".to_owned(), fs.fs_type.clone()),
-        ]);
-        f.gauge("flotilla_node_filesystem_size_bytes", "Filesystem size.", &l, fs.size_bytes as f64);
-        f.gauge(
-            "flotilla_node_filesystem_avail_bytes",
-            "Filesystem space available to users.",
-            &l,
-            fs.avail_bytes as f64,
-        );
-    }
-    for net in &h.networks {
-        let mut l = n.clone();
-        l.push(("interface".into(), net.interface.clone()));
-        f.counter("flotilla_node_network_receive_bytes_total", "Bytes received.", &l, net.receive_bytes_total as f64);
-        f.counter("flotilla_node_network_transmit_bytes_total", "Bytes sent.", &l, net.transmit_bytes_total as f64);
-    }
-}
-
-/// Re-exports named samples (inference servers, agent internals). Their type is
-/// inferred from Prometheus naming: `_bucket{le}` + `_sum` + `_count` make a
-/// histogram, `_total` a counter, anything else a gauge.
-fn generic_series(f: &mut Families, n: &Labels, samples: &[Sample]) {
-    let histogram_bases: std::collections::BTreeSet<&str> =
-        samples.iter().filter(|s| s.labels.contains_key("le")).filter_map(|s| s.name.strip_suffix("_bucket")).collect();
-    let mut histograms: BTreeMap<(String, Labels), HistogramParts> = BTreeMap::new();
-    for s in samples {
-        let mut labels: Labels = n.clone();
-        labels.extend(
-            s.labels
-                .iter()
-                .filter(|(k, _)| k.as_str() != "le" && k.as_str() != "node")
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
-        let part = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
-            s.name.strip_suffix(suffix).filter(|b| histogram_bases.contains(b)).map(|b| (b, *suffix))
-        });
-        match part {
-            Some((base, suffix)) => {
-                let h = histograms.entry((base.to_owned(), labels)).or_default();
-                match suffix {
-                    "_sum" => h.sum = Some(s.value),
-                    "_count" => h.count = Some(s.value),
-                    _ => match s.labels.get("le").map(|le| le.parse::<f64>()) {
-                        Some(Ok(le)) if le.is_infinite() => h.inf = Some(s.value),
-                        Some(Ok(le)) => h.buckets.push((le, s.value)),
-                        _ => {}
-                    },
-                }
-            }
-            None if s.name.ends_with("_total") => f.counter(&s.name, "Reported by the agent.", &labels, s.value),
-            None => f.gauge(&s.name, "Reported by the agent.", &labels, s.value),
-        }
-    }
-    for ((base, labels), mut parts) in histograms {
-        parts.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        f.histogram(&base, "Reported by the agent.", &labels, &parts);
-    }
+    f.push(Metric::gauge("flotilla_node_info", "Static facts about the node (value is always 1).", l, 1.0));
+    f.push(Metric::gauge("flotilla_node_gpus", "GPUs in the node's inventory.", n.clone(), inv.gpus.len() as f64));
 }
 
 #[cfg(test)]
 mod tests {
+    use flotilla_common::NodeId;
+    use flotilla_common::model::{Sample, TelemetryBatch};
+
     use super::*;
 
     #[test]
     fn generic_histograms_are_reassembled() {
-        let mut f = Families::default();
         let s = |name: &str, le: Option<&str>, v: f64| Sample {
             name: name.into(),
             labels: le.map(|le| [("le".to_owned(), le.to_owned())].into_iter().collect()).unwrap_or_default(),
             value: v,
         };
-        generic_series(
-            &mut f,
-            &vec![("node".into(), "n".into())],
-            &[
+        let batch = TelemetryBatch {
+            samples: vec![
                 s("x_seconds_bucket", Some("0.1"), 1.0),
-                s("x_seconds_bucket", Some("1"), 3.0),
+                s("x_seconds_bucket", Some("1.0"), 3.0),
                 s("x_seconds_bucket", Some("+Inf"), 4.0),
                 s("x_seconds_sum", None, 2.5),
                 s("x_seconds_count", None, 4.0),
                 s("y_total", None, 7.0),
                 s("z", None, 0.5),
             ],
-        );
+            ..Default::default()
+        };
+        let mut f = Families::default();
+        for m in batch_metrics(&NodeId::new("n").unwrap(), &Inventory::default(), &batch) {
+            f.push(m);
+        }
         let mut out = String::new();
         f.encode(&mut out);
         assert!(out.contains("# TYPE x_seconds histogram"), "{out}");
@@ -402,5 +203,69 @@ mod tests {
         assert!(out.contains("x_seconds_bucket{node=\"n\",le=\"+Inf\"} 4"), "{out}");
         assert!(out.contains("# TYPE y_total counter"));
         assert!(out.contains("# TYPE z gauge"));
+    }
+
+    /// The query path's flat series must be exactly what a scrape of the same
+    /// batch yields, line for line.
+    #[test]
+    fn flat_series_are_the_exposition_lines() {
+        use flotilla_common::model::{
+            FilesystemSample, GpuInfo, GpuProcess, GpuSample, HostSample, NetworkSample, XidCount,
+        };
+        let node = NodeId::new("n").unwrap();
+        let inventory = Inventory {
+            gpus: vec![GpuInfo { index: 0, uuid: "GPU-0".into(), model: "H\"100\\x".into(), memory_total_bytes: 9 }],
+            ..Default::default()
+        };
+        let label = |k: &str, v: &str| [(k.to_owned(), v.to_owned())].into_iter().collect();
+        let batch = TelemetryBatch {
+            gpus: vec![GpuSample {
+                index: 0,
+                uuid: "GPU-0".into(),
+                temperature_celsius: Some(61.5),
+                energy_joules_total: Some(12.25),
+                clock_event_reasons: Some(0x41),
+                ecc_uncorrected_volatile_total: Some(1),
+                remapped_rows_pending: Some(true),
+                xid_events: vec![XidCount { code: 48, count: 1 }],
+                processes: vec![GpuProcess { pid: 7, name: "python".into(), used_memory_bytes: Some(3) }],
+                ..Default::default()
+            }],
+            host: Some(HostSample {
+                load1: 0.5,
+                filesystems: vec![FilesystemSample { mount_point: "/".into(), size_bytes: 10, ..Default::default() }],
+                networks: vec![NetworkSample {
+                    interface: "eth0".into(),
+                    receive_bytes_total: 5,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            samples: vec![
+                Sample { name: "t_seconds_bucket".into(), labels: label("le", "0.25"), value: 2.0 },
+                Sample { name: "t_seconds_bucket".into(), labels: label("le", "+Inf"), value: 3.0 },
+                Sample { name: "t_seconds_sum".into(), labels: Default::default(), value: 0.5 },
+                Sample { name: "q".into(), labels: label("model", "a\nb"), value: 1.0 },
+            ],
+            ..Default::default()
+        };
+        let mut f = Families::default();
+        for m in batch_metrics(&node, &inventory, &batch) {
+            f.push(m);
+        }
+        let mut text = String::new();
+        f.encode(&mut text);
+        let mut exposed: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        let escape = |v: &str| v.replace('\\', "\\\\").replace('\n', "\\n").replace('"', "\\\"");
+        let mut flat: Vec<String> = crate::series::batch_samples(&node, &inventory, &batch)
+            .into_iter()
+            .map(|s| {
+                let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+                format!("{}{{{}}} {}", s.name, labels.join(","), s.value)
+            })
+            .collect();
+        exposed.sort_unstable();
+        flat.sort_unstable();
+        assert_eq!(flat, exposed);
     }
 }

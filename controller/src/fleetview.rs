@@ -50,13 +50,16 @@ impl FleetView {
         self.write().entry(node.clone()).or_default().inventory = inventory;
     }
 
-    /// Records a committed batch if it is newer than what is known.
-    pub fn observe(&self, node: &NodeId, batch: &TelemetryBatch) {
+    /// Records a committed batch if it is newer than what is known; returns
+    /// whether it was (a resent or late batch is not).
+    pub fn observe(&self, node: &NodeId, batch: &TelemetryBatch) -> bool {
         let mut map = self.write();
         let entry = map.entry(node.clone()).or_default();
-        if entry.latest.as_ref().is_none_or(|b| b.seq < batch.seq) {
+        let newer = entry.latest.as_ref().is_none_or(|b| b.seq < batch.seq);
+        if newer {
             entry.latest = Some(batch.clone());
         }
+        newer
     }
 
     /// A copy of every node's state, ordered by id.

@@ -1,6 +1,6 @@
 //! The telemetry committer: batches from every agent stream queue here, are
 //! written to the store many at a time under one flush (group commit), and only
-//! then acknowledged to their streams.
+//! then acknowledged to their streams and published to watchers.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fleetview::FleetView;
 use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
+use crate::watch::TelemetryFeed;
 
 /// Where the committer sends the seqs it has made durable for one stream.
 pub type AckSink = mpsc::Sender<Vec<u64>>;
@@ -42,14 +43,14 @@ impl Committer {
 pub fn spawn(
     store: Arc<dyn Store>,
     view: FleetView,
+    feed: TelemetryFeed,
     metrics: Metrics,
-    queue: usize,
-    max_group: usize,
+    policy: &crate::config::TelemetryPolicy,
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Committer {
-    let (tx, rx) = mpsc::channel(queue);
-    tracker.spawn(run(Shared { store, view, metrics }, rx, max_group, cancel));
+    let (tx, rx) = mpsc::channel(policy.commit_queue);
+    tracker.spawn(run(Shared { store, view, feed, metrics }, rx, policy.max_commit_group, cancel));
     Committer { tx }
 }
 
@@ -57,6 +58,7 @@ pub fn spawn(
 struct Shared {
     store: Arc<dyn Store>,
     view: FleetView,
+    feed: TelemetryFeed,
     metrics: Metrics,
 }
 
@@ -113,8 +115,9 @@ async fn commit(shared: &Shared, jobs: Vec<Job>) {
     shared.metrics.batches_duplicate.inc_by(duplicates as u64);
     shared.metrics.batches_committed.inc_by((count - duplicates) as u64);
     for ((node, batch), c) in keys.iter().zip(&outcome) {
-        if *c == Committed::New {
-            shared.view.observe(node, batch);
+        // Only a node's newest batch is published: a late resend is stored but old news.
+        if *c == Committed::New && shared.view.observe(node, batch) {
+            shared.feed.publish(node, batch);
         }
     }
     if duplicates > 0 {

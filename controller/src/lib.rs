@@ -14,10 +14,15 @@ pub mod ingest;
 pub mod listener;
 pub mod liveness;
 pub mod metrics;
+pub mod query;
 pub mod registry;
+pub mod rollup;
+pub mod selector;
+pub mod series;
 mod server;
 pub mod service;
 pub mod store;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -30,12 +30,13 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
             .await
             .map_err(|e| ControllerError::Reflection(format!("loading the fleet view: {e}")))??
     };
+    let feed = crate::watch::TelemetryFeed::default();
     let committer = ingest::spawn(
         store.clone(),
         view.clone(),
+        feed.clone(),
         metrics.clone(),
-        config.telemetry.commit_queue,
-        config.telemetry.max_commit_group,
+        &config.telemetry,
         commit.clone(),
         &tracker,
     );
@@ -44,6 +45,7 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
         registry: registry.clone(),
         committer,
         view: view.clone(),
+        feed,
         config: config.clone(),
         shutdown: work.clone(),
         tracker: tracker.clone(),
@@ -55,7 +57,7 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
         Duration::from_millis(250),
         work.clone(),
     ));
-    tracker.spawn(prune_loop(store.clone(), config.telemetry.retention, work.clone()));
+    tracker.spawn(maintenance_loop(store.clone(), config.telemetry.clone(), work.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -125,20 +127,42 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
     served.map_err(ControllerError::from)
 }
 
-async fn prune_loop(store: Arc<dyn crate::store::Store>, retention: Duration, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
+/// How often new telemetry is rolled up and old telemetry pruned: each pass
+/// reads only what arrived since the last, so once a minute stays cheap.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
+
+async fn maintenance_loop(
+    store: Arc<dyn crate::store::Store>,
+    policy: crate::config::TelemetryPolicy,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = cancel.cancelled() => return,
         }
-        let cutoff = flotilla_common::time::now_unix_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.prune_batches(cutoff)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => tracing::info!(removed, "pruned telemetry past retention"),
-            Ok(Err(error)) => tracing::warn!(%error, "telemetry pruning failed"),
-            Err(error) => tracing::warn!(%error, "telemetry pruning task failed"),
+        let (retention, rollup_retention) = (policy.retention, policy.rollup_retention);
+        let stop = cancel.clone();
+        let now = flotilla_common::time::now_unix_ms();
+        let pass = tokio::task::spawn_blocking(move || {
+            crate::rollup::maintain(store.as_ref(), now, retention, rollup_retention, &stop)
+        });
+        match pass.await {
+            Ok(Ok(done)) if done == crate::rollup::Maintenance::default() => {}
+            Ok(Ok(done)) if done.batches_pruned == 0 && done.minutes_pruned == 0 => {
+                tracing::debug!(rolled_up = done.batches_rolled_up, "telemetry rolled up");
+            }
+            Ok(Ok(done)) => tracing::info!(
+                rolled_up = done.batches_rolled_up,
+                pruned_batches = done.batches_pruned,
+                pruned_minutes = done.minutes_pruned,
+                "telemetry rolled up and pruned past retention"
+            ),
+            Ok(Err(error)) => tracing::warn!(%error, "telemetry maintenance failed"),
+            Err(error) => tracing::warn!(%error, "telemetry maintenance task failed"),
         }
     }
 }

@@ -12,6 +12,8 @@ use flotilla_common::NodeId;
 use flotilla_common::model::{Inventory, TelemetryBatch};
 use serde::{Deserialize, Serialize};
 
+use crate::rollup::{Aggregate, MinuteRollup, SeriesKey};
+
 pub use sled_store::SledStore;
 
 /// The schema this build writes. Bump it with a migration in `sled_store`.
@@ -74,8 +76,36 @@ pub trait Store: Send + Sync + 'static {
     fn latest_batch(&self, node: &NodeId) -> Result<Option<TelemetryBatch>, StoreError>;
     /// Batches of `node` with seq ≥ `from_seq`, in seq order, at most `limit`.
     fn batches(&self, node: &NodeId, from_seq: u64, limit: usize) -> Result<Vec<TelemetryBatch>, StoreError>;
+    /// Batches of `node` made within `from_unix_ms..=to_unix_ms`, oldest first.
+    /// Reads from the newest end, so recent ranges are cheap.
+    fn batches_between(
+        &self,
+        node: &NodeId,
+        from_unix_ms: i64,
+        to_unix_ms: i64,
+    ) -> Result<Vec<TelemetryBatch>, StoreError>;
     /// Bytes the store occupies on disk (0 if unknown).
     fn size_on_disk(&self) -> u64;
-    /// Deletes batches made before `cutoff_unix_ms`; returns how many.
+    /// Deletes batches made before `cutoff_unix_ms` that are already rolled up
+    /// (seq at or below the node's rollup watermark); returns how many.
     fn prune_batches(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError>;
+    /// The highest seq of `node` already folded into rollups (0: none).
+    fn rollup_watermark(&self, node: &NodeId) -> Result<u64, StoreError>;
+    /// Merges `rollups` into the stored minutes of `node` and raises its watermark
+    /// to `through_seq`, in one transaction, then flushes.
+    fn commit_rollups(&self, node: &NodeId, through_seq: u64, rollups: &[MinuteRollup]) -> Result<(), StoreError>;
+    /// Every series of `node` that has rollups.
+    fn rollup_series(&self, node: &NodeId) -> Result<Vec<SeriesKey>, StoreError>;
+    /// The minutes of one series starting within `from_unix_ms..to_unix_ms`, in
+    /// time order, as (minute start, aggregate).
+    fn rollups(
+        &self,
+        node: &NodeId,
+        series: &SeriesKey,
+        from_unix_ms: i64,
+        to_unix_ms: i64,
+    ) -> Result<Vec<(i64, Aggregate)>, StoreError>;
+    /// Deletes rollup minutes that end before the minute of `cutoff_unix_ms`, and
+    /// series left without any; returns how many minutes.
+    fn prune_rollups(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError>;
 }

@@ -55,6 +55,9 @@ pub enum Command {
     /// Fleet nodes: list and inspect.
     #[command(subcommand)]
     Nodes(NodesCmd),
+    /// Stored telemetry: query series with a Prometheus selector.
+    #[command(subcommand)]
+    Metrics(MetricsCmd),
     /// The fleet CA.
     #[command(subcommand)]
     Ca(CaCmd),
@@ -96,6 +99,26 @@ pub enum NodesCmd {
     Show {
         /// Node id.
         node: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MetricsCmd {
+    /// Series matching SELECTOR over the last --since, e.g.
+    /// 'flotilla_gpu_temperature_celsius{node="gpu-a"}'. Names and labels are those of the
+    /// controller's /metrics; ranges past the raw window come from one-minute rollups.
+    Get {
+        /// A Prometheus selector: name{label="v",label!="v",label=~"re",label!~"re"}.
+        selector: String,
+        /// How far back to look, e.g. 10m, 6h or 7d.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        /// One point per step: the mean of a gauge, the last value of a counter; 0s keeps
+        /// every stored sample [default: --since / 240, at least 1s].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        step: Option<std::time::Duration>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Format,
     },

@@ -1,6 +1,7 @@
 //! Command handlers, one file per command group.
 
 mod context;
+mod metrics;
 mod nodes;
 mod pki;
 mod sim;
@@ -15,6 +16,10 @@ pub async fn dispatch(cli: Cli, env: Env) -> anyhow::Result<()> {
         Command::Nodes(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
             nodes::run(cmd, &conn).await
+        }
+        Command::Metrics(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            metrics::run(cmd, &conn).await
         }
         Command::Sim(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;

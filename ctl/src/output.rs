@@ -62,6 +62,22 @@ pub struct GpuView {
     pub power_watts: Option<f64>,
     pub power_limit_watts: Option<f64>,
     pub sm_clock_mhz: Option<u32>,
+    pub memory_temperature_celsius: Option<f64>,
+    /// Why the clocks are held down, by name (`sw_thermal_slowdown`, ...); null when unknown.
+    pub clock_event_reasons: Option<Vec<String>>,
+    /// XID errors seen since the agent started, per code.
+    pub xid_events: Vec<XidView>,
+    pub ecc_uncorrected_volatile_total: Option<u64>,
+    pub ecc_uncorrected_aggregate_total: Option<u64>,
+    pub remapped_rows_pending: Option<bool>,
+    pub remapped_rows_failed: Option<bool>,
+}
+
+/// How many XID errors of one code a GPU raised.
+#[derive(Debug, Clone, Serialize)]
+pub struct XidView {
+    pub code: u64,
+    pub count: u64,
 }
 
 /// Host facts and latest host sample (in `nodes show`).
@@ -112,6 +128,17 @@ impl NodeView {
                     power_watts: s.and_then(|s| s.power_watts),
                     power_limit_watts: s.and_then(|s| s.power_limit_watts),
                     sm_clock_mhz: s.and_then(|s| s.sm_clock_mhz),
+                    memory_temperature_celsius: s.and_then(|s| s.memory_temperature_celsius),
+                    clock_event_reasons: s.and_then(|s| s.clock_event_reasons).map(|mask| {
+                        flotilla_common::model::clock_event_reason_names(mask).map(str::to_owned).collect()
+                    }),
+                    xid_events: s
+                        .map(|s| s.xid_events.iter().map(|x| XidView { code: x.code, count: x.count }).collect())
+                        .unwrap_or_default(),
+                    ecc_uncorrected_volatile_total: s.and_then(|s| s.ecc_uncorrected_volatile_total),
+                    ecc_uncorrected_aggregate_total: s.and_then(|s| s.ecc_uncorrected_aggregate_total),
+                    remapped_rows_pending: s.and_then(|s| s.remapped_rows_pending),
+                    remapped_rows_failed: s.and_then(|s| s.remapped_rows_failed),
                 }
             })
             .collect();
@@ -168,6 +195,32 @@ impl NodeView {
     }
 }
 
+/// One series of `flotctl metrics get`, shaped like a Prometheus API result.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeriesView {
+    /// The labels, with the metric name under `__name__`.
+    pub metric: BTreeMap<String, String>,
+    /// `[unix_ms, value]` pairs, oldest first.
+    pub points: Vec<(i64, f64)>,
+}
+
+impl SeriesView {
+    /// Builds the view of one answered series.
+    pub fn from_wire(s: pb::MetricSeries) -> Self {
+        let mut metric: BTreeMap<String, String> = s.labels.into_iter().collect();
+        metric.insert("__name__".to_owned(), s.name);
+        Self { metric, points: s.points.into_iter().map(|p| (p.unix_ms, p.value)).collect() }
+    }
+
+    /// `name{label="value",...}`, as Prometheus prints a series.
+    pub fn selector(&self) -> String {
+        let name = self.metric.get("__name__").map_or("", String::as_str);
+        let labels: Vec<String> =
+            self.metric.iter().filter(|(k, _)| *k != "__name__").map(|(k, v)| format!("{k}={v:?}")).collect();
+        format!("{name}{{{}}}", labels.join(","))
+    }
+}
+
 fn state_name(s: pb::NodeState) -> &'static str {
     match s {
         pb::NodeState::Up => "up",
@@ -194,6 +247,20 @@ pub fn bytes(n: u64) -> String {
 /// `42%` or `-`.
 pub fn percent(r: Option<f64>) -> String {
     r.map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0))
+}
+
+/// A value for people: whole numbers as they are, others to three decimals
+/// without trailing zeros, `-` for none.
+pub fn number(v: Option<f64>) -> String {
+    let Some(v) = v else { return "-".to_owned() };
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        return format!("{v:.0}");
+    }
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 /// `71°C` or `-`.
@@ -227,5 +294,23 @@ mod tests {
         assert_eq!(percent(None), "-");
         assert_eq!(ago(1_000, 61_000), "1m ago");
         assert_eq!(ago(0, 5), "never");
+        assert_eq!(number(Some(85_899_345_920.0)), "85899345920");
+        assert_eq!(number(Some(61.25)), "61.25");
+        assert_eq!(number(Some(0.1234)), "0.123");
+        assert_eq!(number(None), "-");
+    }
+
+    #[test]
+    fn series_print_like_prometheus() {
+        let s = SeriesView::from_wire(pb::MetricSeries {
+            name: "flotilla_gpu_temperature_celsius".into(),
+            labels: [("node".to_owned(), "a".to_owned()), ("gpu".to_owned(), "0".to_owned())].into_iter().collect(),
+            points: vec![pb::MetricPoint { unix_ms: 5, value: 61.0 }],
+        });
+        assert_eq!(s.selector(), r#"flotilla_gpu_temperature_celsius{gpu="0",node="a"}"#);
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"metric":{"__name__":"flotilla_gpu_temperature_celsius","gpu":"0","node":"a"},"points":[[5,61.0]]}"#
+        );
     }
 }

@@ -1,15 +1,27 @@
 //! `flotilla.v1.Fleet`: the operator API. Everything flotctl does goes through here.
 
+use std::collections::BTreeSet;
+use std::pin::Pin;
+
 use flotilla_common::NodeId;
 use flotilla_common::model::{GpuSourceKind, SimFault};
 use flotilla_proto::pb;
 use flotilla_proto::pb::fleet_server::Fleet;
+use futures::Stream;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{Context, blocking};
+use crate::query::{QueryError, RangeQuery, SeriesPoints};
 use crate::registry::{Downlink, node_state, unix_ms_at};
 use crate::store::NodeRecord;
+use crate::watch::{Event, Update, Watcher};
+
+type Outbound<T> = mpsc::Sender<Result<T, Status>>;
 
 /// The Fleet implementation.
 #[derive(Debug, Clone)]
@@ -43,6 +55,8 @@ impl FleetApi {
 
 #[tonic::async_trait]
 impl Fleet for FleetApi {
+    type WatchTelemetryStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTelemetryResponse, Status>> + Send>>;
+
     #[tracing::instrument(skip_all, fields(caller))]
     async fn list_nodes(
         &self,
@@ -130,4 +144,98 @@ impl Fleet for FleetApi {
         tracing::info!(node_id = %id, %fault, %target, "fault injection sent");
         Ok(Response::new(pb::InjectFaultResponse { message: format!("{fault} sent to {target} of {id}") }))
     }
+
+    #[tracing::instrument(skip_all, fields(caller, selector))]
+    async fn query_metrics(
+        &self,
+        request: Request<pb::QueryMetricsRequest>,
+    ) -> Result<Response<pb::QueryMetricsResponse>, Status> {
+        let (caller, _role) = crate::auth::require_operator(&request)?;
+        tracing::Span::current().record("caller", caller.as_str());
+        let req = request.into_inner();
+        tracing::Span::current().record("selector", req.selector.as_str());
+        let now = flotilla_common::time::now_unix_ms();
+        let query = RangeQuery::new(&req.selector, req.start_unix_ms, req.end_unix_ms, req.step_ms, now)?;
+        let retention = i64::try_from(self.ctx.config.telemetry.retention.as_millis()).unwrap_or(i64::MAX);
+        let raw_from = now.saturating_sub(retention);
+        let store = self.ctx.store.clone();
+        let answered = tokio::task::spawn_blocking(move || crate::query::run(store.as_ref(), &query, raw_from)).await;
+        let series = answered.map_err(|error| {
+            tracing::error!(%error, "query task failed");
+            Status::internal("querying metrics failed; see the controller log")
+        })??;
+        Ok(Response::new(pb::QueryMetricsResponse { series: series.into_iter().map(series_to_wire).collect() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(caller))]
+    async fn watch_telemetry(
+        &self,
+        request: Request<pb::WatchTelemetryRequest>,
+    ) -> Result<Response<Self::WatchTelemetryStream>, Status> {
+        let (caller, _role) = crate::auth::require_operator(&request)?;
+        tracing::Span::current().record("caller", caller.as_str());
+        let nodes = request
+            .into_inner()
+            .node_ids
+            .into_iter()
+            .map(|raw| NodeId::new(raw.clone()).map_err(|e| Status::invalid_argument(format!("node id {raw:?}: {e}"))))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        // Subscribe before reading what is known, so that nothing falls in between.
+        let mut watcher = self.ctx.feed.watch(nodes);
+        watcher.prime(
+            self.ctx.view.snapshot().into_iter().filter_map(|(node, n)| n.latest.map(|batch| Update { node, batch })),
+        );
+        let (tx, rx) = mpsc::channel(16);
+        self.ctx.tracker.spawn(forward(watcher, tx, self.ctx.shutdown.clone()).instrument(tracing::Span::current()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl From<QueryError> for Status {
+    fn from(error: QueryError) -> Self {
+        match error {
+            QueryError::Store(error) => {
+                tracing::error!(%error, "store error while querying metrics");
+                Status::internal("querying metrics failed; see the controller log")
+            }
+            other => Status::invalid_argument(other.to_string()),
+        }
+    }
+}
+
+fn series_to_wire(s: SeriesPoints) -> pb::MetricSeries {
+    pb::MetricSeries {
+        name: s.series.name,
+        labels: s.series.labels.into_iter().collect(),
+        points: s.points.into_iter().map(|(unix_ms, value)| pb::MetricPoint { unix_ms, value }).collect(),
+    }
+}
+
+/// Sends a watcher's events down its stream until the caller goes away or the
+/// controller stops. A slow caller makes this task wait, never the committer:
+/// the feed drops updates for it and the next event says how many.
+async fn forward(mut watcher: Watcher, tx: Outbound<pb::WatchTelemetryResponse>, shutdown: CancellationToken) {
+    use pb::watch_telemetry_response::Event as Wire;
+    loop {
+        let event = tokio::select! {
+            event = watcher.next() => event,
+            () = tx.closed() => return,
+            () = shutdown.cancelled() => break,
+        };
+        let wire = match event {
+            Some(Event::Update(u)) => {
+                Wire::Telemetry(pb::NodeTelemetry { node_id: u.node.to_string(), batch: Some(u.batch.clone().into()) })
+            }
+            Some(Event::Missed(n)) => {
+                tracing::debug!(missed = n, "telemetry watcher fell behind");
+                Wire::MissedUpdates(n)
+            }
+            None => break,
+        };
+        tokio::select! {
+            sent = tx.send(Ok(pb::WatchTelemetryResponse { event: Some(wire) })) => if sent.is_err() { return },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    let _ = tx.try_send(Err(Status::unavailable("controller shutting down")));
 }

@@ -4,14 +4,19 @@ use std::path::Path;
 
 use flotilla_common::NodeId;
 use flotilla_common::model::TelemetryBatch;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{Committed, NodeRecord, SCHEMA_VERSION, Store, StoreError, codec, keys};
+use crate::rollup::{Aggregate, MinuteRollup, SeriesKey, minute_of};
 
 /// The embedded default store: one sled database in the controller's data dir.
 pub struct SledStore {
     db: sled::Db,
     nodes: sled::Tree,
     telemetry: sled::Tree,
+    rollup_series: sled::Tree,
+    rollups: sled::Tree,
+    rollup_watermarks: sled::Tree,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -47,10 +52,16 @@ impl SledStore {
         let store = Self {
             nodes: db.open_tree(keys::NODES).map_err(sled_err("open nodes tree"))?,
             telemetry: db.open_tree(keys::TELEMETRY).map_err(sled_err("open telemetry tree"))?,
+            rollup_series: db.open_tree(keys::ROLLUP_SERIES).map_err(sled_err("open rollup series tree"))?,
+            rollups: db.open_tree(keys::ROLLUPS).map_err(sled_err("open rollups tree"))?,
+            rollup_watermarks: db
+                .open_tree(keys::ROLLUP_WATERMARKS)
+                .map_err(sled_err("open rollup watermarks tree"))?,
             db,
         };
         // Migrations run in order from the version found; version 0 is a new store.
-        // There are none yet: schema 1 is the first.
+        // There are none yet: schema 1 is the first. The rollup trees were added
+        // within schema 1: they start empty, and an older build ignores them.
         if found < SCHEMA_VERSION {
             meta.insert(keys::SCHEMA_VERSION_KEY, &SCHEMA_VERSION.to_be_bytes())
                 .map_err(sled_err("write schema version"))?;
@@ -126,14 +137,38 @@ impl Store for SledStore {
         self.db.size_on_disk().unwrap_or(0)
     }
 
+    fn batches_between(
+        &self,
+        node: &NodeId,
+        from_unix_ms: i64,
+        to_unix_ms: i64,
+    ) -> Result<Vec<TelemetryBatch>, StoreError> {
+        let mut out = Vec::new();
+        // Seqs grow with time: walk back from the newest until the range is passed.
+        for item in self.telemetry.scan_prefix(keys::telemetry_prefix(node)).rev() {
+            let (k, v) = item.map_err(sled_err("scan telemetry by time"))?;
+            let batch: TelemetryBatch = codec::decode(&k, &v)?;
+            if batch.created_unix_ms < from_unix_ms {
+                break;
+            }
+            if batch.created_unix_ms <= to_unix_ms {
+                out.push(batch);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     fn prune_batches(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError> {
         let mut removed = 0;
         for node in self.nodes()? {
+            let rolled_up = self.rollup_watermark(&node.id)?;
             for item in self.telemetry.scan_prefix(keys::telemetry_prefix(&node.id)) {
                 let (k, v) = item.map_err(sled_err("scan telemetry for pruning"))?;
                 let batch: TelemetryBatch = codec::decode(&k, &v)?;
-                // Seqs grow with time, so the first batch young enough ends the scan.
-                if batch.created_unix_ms >= cutoff_unix_ms {
+                // Seqs grow with time, so the first batch young enough (or not yet
+                // rolled up) ends the scan.
+                if batch.created_unix_ms >= cutoff_unix_ms || batch.seq > rolled_up {
                     break;
                 }
                 self.telemetry.remove(k).map_err(sled_err("prune telemetry"))?;
@@ -141,6 +176,137 @@ impl Store for SledStore {
             }
         }
         Ok(removed)
+    }
+
+    fn rollup_watermark(&self, node: &NodeId) -> Result<u64, StoreError> {
+        let key = node.as_str().as_bytes();
+        match self.rollup_watermarks.get(key).map_err(sled_err("read rollup watermark"))? {
+            Some(bytes) => {
+                let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    key: format!("rollup_watermarks/{node}"),
+                    reason: format!("{} bytes, expected 8", bytes.len()),
+                })?;
+                Ok(u64::from_be_bytes(raw))
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn commit_rollups(&self, node: &NodeId, through_seq: u64, rollups: &[MinuteRollup]) -> Result<(), StoreError> {
+        // Register the series first, outside the transaction: an entry whose
+        // minutes never land is harmless (queries skip it, pruning removes it).
+        let mut entries = Vec::with_capacity(rollups.len());
+        let mut known: std::collections::HashMap<&SeriesKey, Option<u64>> = std::collections::HashMap::new();
+        for r in rollups {
+            let id = match known.get(&r.series) {
+                Some(id) => *id,
+                None => {
+                    let id = self.register_series(node, &r.series)?;
+                    known.insert(&r.series, id);
+                    id
+                }
+            };
+            if let Some(id) = id {
+                entries.push((keys::rollup_key(node, id, r.minute_unix_ms), r.aggregate));
+            }
+        }
+        let result = (&self.rollups, &self.rollup_watermarks).transaction(|(minutes, watermarks)| {
+            for (key, aggregate) in &entries {
+                let merged = match minutes.get(key)? {
+                    Some(old) => codec::decode::<Aggregate>(key, &old)
+                        .map_err(ConflictableTransactionError::Abort)?
+                        .merge(*aggregate),
+                    None => *aggregate,
+                };
+                minutes.insert(key.as_slice(), codec::encode(&merged))?;
+            }
+            let wkey = node.as_str().as_bytes();
+            let current =
+                watermarks.get(wkey)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes);
+            // The watermark only moves forward, so a stale pass cannot re-open rolled-up seqs.
+            watermarks.insert(wkey, &through_seq.max(current.unwrap_or(0)).to_be_bytes())?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Abort(error)) => return Err(error),
+            Err(TransactionError::Storage(source)) => return Err(StoreError::Sled { op: "write rollups", source }),
+        }
+        self.db.flush().map_err(sled_err("flush rollups"))?;
+        Ok(())
+    }
+
+    fn rollup_series(&self, node: &NodeId) -> Result<Vec<SeriesKey>, StoreError> {
+        self.rollup_series
+            .scan_prefix(keys::telemetry_prefix(node))
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan rollup series"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn rollups(
+        &self,
+        node: &NodeId,
+        series: &SeriesKey,
+        from_unix_ms: i64,
+        to_unix_ms: i64,
+    ) -> Result<Vec<(i64, Aggregate)>, StoreError> {
+        let id = keys::series_id(series);
+        self.rollups
+            .range(keys::rollup_key(node, id, from_unix_ms)..keys::rollup_key(node, id, to_unix_ms))
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan rollups"))?;
+                let minute = keys::rollup_minute(&k)
+                    .ok_or_else(|| StoreError::Corrupt { key: keys::display(&k), reason: "short rollup key".into() })?;
+                Ok((minute, codec::decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    fn prune_rollups(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        let mut tail = [0u8; 8];
+        tail.copy_from_slice(&u64::try_from(minute_of(cutoff_unix_ms)).unwrap_or(0).to_be_bytes());
+        for item in self.rollup_series.iter() {
+            let (series_key, _) = item.map_err(sled_err("scan rollup series for pruning"))?;
+            let mut end = series_key.to_vec();
+            end.extend_from_slice(&tail);
+            for old in self.rollups.range(series_key.to_vec()..end) {
+                let (k, _) = old.map_err(sled_err("scan rollups for pruning"))?;
+                self.rollups.remove(k).map_err(sled_err("prune rollups"))?;
+                removed += 1;
+            }
+            // Rolling up and pruning run in the same task, so no minute can land
+            // between this check and the removal.
+            if self.rollups.scan_prefix(&series_key).next().is_none() {
+                self.rollup_series.remove(&series_key).map_err(sled_err("prune rollup series"))?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl SledStore {
+    /// The id under which `series` of `node` is stored, registering it if new;
+    /// `None` (logged) if another series already holds its hash.
+    fn register_series(&self, node: &NodeId, series: &SeriesKey) -> Result<Option<u64>, StoreError> {
+        let id = keys::series_id(series);
+        let key = keys::rollup_series_key(node, id);
+        let swapped = self
+            .rollup_series
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(codec::encode(series)))
+            .map_err(sled_err("register rollup series"))?;
+        let Err(existing) = swapped else { return Ok(Some(id)) };
+        let Some(current) = existing.current else { return Ok(Some(id)) };
+        let holder: SeriesKey = codec::decode(&key, &current)?;
+        if &holder == series {
+            return Ok(Some(id));
+        }
+        // Two series with one 64-bit hash: never mix their minutes.
+        tracing::warn!(node_id = %node, series = %series.name, holder = %holder.name, "rollup series id collision; series not rolled up");
+        Ok(None)
     }
 }
 
@@ -200,8 +366,46 @@ mod tests {
         store
             .commit_batches(&[(a.clone(), batch(1, 10)), (a.clone(), batch(2, 20)), (a.clone(), batch(3, 30))])
             .unwrap();
-        assert_eq!(store.prune_batches(25).unwrap(), 2);
+        assert_eq!(store.prune_batches(25).unwrap(), 0, "nothing is pruned before it is rolled up");
+        store.commit_rollups(&a, 1, &[]).unwrap();
+        assert_eq!(store.prune_batches(25).unwrap(), 1, "only what is rolled up is pruned");
+        crate::rollup::roll_up(&store, &Default::default()).unwrap();
+        assert_eq!(store.prune_batches(25).unwrap(), 1);
         assert_eq!(store.batches(&a, 0, 10).unwrap().iter().map(|b| b.seq).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn batches_between_selects_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let a = NodeId::new("a").unwrap();
+        store.commit_batches(&(1..=5).map(|s| (a.clone(), batch(s, s as i64 * 10))).collect::<Vec<_>>()).unwrap();
+        let seqs = |v: Vec<TelemetryBatch>| v.iter().map(|b| b.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(store.batches_between(&a, 20, 40).unwrap()), [2, 3, 4]);
+        assert_eq!(seqs(store.batches_between(&a, 41, 45).unwrap()), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn rollup_retention_removes_old_minutes_and_empty_series() {
+        use crate::rollup::{Aggregate, MinuteRollup, SeriesKey};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let a = NodeId::new("a").unwrap();
+        let key = |name: &str| SeriesKey { name: name.into(), labels: vec![("node".into(), "a".into())] };
+        let minute = |series: &SeriesKey, m: i64| MinuteRollup {
+            series: series.clone(),
+            minute_unix_ms: m * 60_000,
+            aggregate: Aggregate::Gauge { min: 1.0, max: 1.0, sum: 1.0, count: 1 },
+        };
+        let (old, live) = (key("old"), key("live"));
+        store.commit_rollups(&a, 1, &[minute(&old, 1), minute(&live, 1), minute(&live, 3)]).unwrap();
+        assert_eq!(store.prune_rollups(2 * 60_000 + 5).unwrap(), 2);
+        assert_eq!(
+            store.rollup_series(&a).unwrap(),
+            std::slice::from_ref(&live),
+            "a series with no minute left is forgotten"
+        );
+        assert_eq!(store.rollups(&a, &live, 0, i64::MAX).unwrap().len(), 1);
     }
 
     #[test]

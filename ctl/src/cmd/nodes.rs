@@ -6,7 +6,7 @@ use flotilla_proto::pb;
 use crate::cli::NodesCmd;
 use crate::client::{call, connect};
 use crate::context::Connection;
-use crate::output::{self, NodeView, ago, bytes, celsius, percent};
+use crate::output::{self, GpuView, NodeView, ago, bytes, celsius, percent};
 
 pub async fn run(cmd: NodesCmd, conn: &Connection) -> anyhow::Result<()> {
     let mut client = connect(conn).await?;
@@ -94,6 +94,78 @@ fn show_text(n: &NodeView, now: i64) -> String {
         }
         out.push('\n');
         out.push_str(&t.to_string());
+        out.push_str("\n\n");
+        out.push_str(&health_table(&n.gpus));
     }
     out
+}
+
+/// The second per-GPU table: what says a GPU needs attention.
+fn health_table(gpus: &[GpuView]) -> String {
+    let mut t =
+        output::table(&["GPU", "MEM TEMP", "CLOCKS HELD BY", "XID ERRORS", "ECC UNCORR (VOL/AGG)", "ROW REMAP"]);
+    for g in gpus {
+        let held = match &g.clock_event_reasons {
+            None => "-".to_owned(),
+            Some(reasons) if reasons.is_empty() => "none".to_owned(),
+            Some(reasons) => reasons.join(","),
+        };
+        let xids: Vec<String> = g.xid_events.iter().map(|x| format!("{}×{}", x.code, x.count)).collect();
+        let count = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+        let remap = match (g.remapped_rows_failed, g.remapped_rows_pending) {
+            (Some(true), _) => "FAILED",
+            (_, Some(true)) => "pending reset",
+            (Some(false), _) | (_, Some(false)) => "ok",
+            (None, None) => "-",
+        };
+        t.add_row(vec![
+            g.index.to_string(),
+            celsius(g.memory_temperature_celsius),
+            held,
+            if xids.is_empty() { "none".to_owned() } else { xids.join(", ") },
+            format!("{} / {}", count(g.ecc_uncorrected_volatile_total), count(g.ecc_uncorrected_aggregate_total)),
+            remap.to_owned(),
+        ]);
+    }
+    t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_proto::pb;
+
+    use super::*;
+
+    #[test]
+    fn show_prints_gpu_health_by_name() {
+        let node = pb::Node {
+            id: "a".into(),
+            inventory: Some(pb::Inventory {
+                gpus: vec![pb::GpuInfo { index: 0, uuid: "GPU-0".into(), ..Default::default() }],
+                ..Default::default()
+            }),
+            latest: Some(pb::TelemetryBatch {
+                gpus: vec![pb::GpuSample {
+                    index: 0,
+                    memory_temperature_celsius: Some(81.0),
+                    clock_event_reasons: Some(0x20 | 0x4),
+                    xid_events: vec![pb::XidCount { code: 48, count: 2 }],
+                    ecc_uncorrected_volatile_total: Some(2),
+                    ecc_uncorrected_aggregate_total: Some(5),
+                    remapped_rows_pending: Some(true),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let view = NodeView::from_wire(node, true);
+        let text = show_text(&view, 0);
+        for want in ["81°C", "sw_power_cap,sw_thermal_slowdown", "48×2", "2 / 5", "pending reset"] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["gpus"][0]["clock_event_reasons"], serde_json::json!(["sw_power_cap", "sw_thermal_slowdown"]));
+        assert_eq!(json["gpus"][0]["xid_events"][0]["count"], 2);
+    }
 }
