@@ -36,6 +36,11 @@ pub struct Config {
     /// Labels reported in the inventory (e.g. `rack = "r1"`, `role = "gateway"`).
     pub labels: BTreeMap<String, String>,
     pub gpu: GpuConfig,
+    /// The controller's command-signing public key (`command-signing.pub` in the
+    /// controller's data dir). Without it every command is refused.
+    pub command_key: Option<PathBuf>,
+    /// The container engine (Docker, or Podman's Docker-compatible socket).
+    pub runtime: crate::runtime::RuntimeConfig,
     /// Inference servers on this host to scrape (`[[inference]]` tables).
     pub inference: Vec<crate::inference::InferenceEndpoint>,
     pub uplink: UplinkConfig,
@@ -101,6 +106,8 @@ impl Default for Config {
             labels: BTreeMap::new(),
             gpu: GpuConfig::default(),
             inference: Vec::new(),
+            command_key: None,
+            runtime: crate::runtime::RuntimeConfig::default(),
             uplink: UplinkConfig::default(),
             log_format: LogFormat::Text,
         }
@@ -139,6 +146,7 @@ pub struct Overrides {
     pub gpu_source: Option<GpuSourceChoice>,
     pub simulated_gpus: Option<u32>,
     pub ack_log: Option<PathBuf>,
+    pub command_key: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -159,6 +167,7 @@ impl Config {
         c.gpu.source = o.gpu_source.unwrap_or(c.gpu.source);
         c.gpu.simulated_count = o.simulated_gpus.unwrap_or(c.gpu.simulated_count);
         c.uplink.ack_log = o.ack_log.or(c.uplink.ack_log);
+        c.command_key = o.command_key.or(c.command_key);
         c.log_format = o.log_format.unwrap_or(c.log_format);
         let origin = file.map_or_else(|| "agent config".to_owned(), |p| p.display().to_string());
         c.validate(&origin)?;

@@ -8,6 +8,7 @@
 pub mod buffer;
 pub mod collector;
 pub mod config;
+pub mod executor;
 pub mod gpu;
 pub mod host;
 pub mod inference;
@@ -40,6 +41,14 @@ pub enum AgentError {
         "agent certificate {path}: it identifies {identity}, not a node; issue one with `flotctl cert issue --node ID`"
     )]
     NotANodeCertificate { path: String, identity: String },
+    #[error("command key: {0}")]
+    CommandKey(#[from] flotilla_common::envelope::KeyError),
+    #[error("command state in {path}: {source}")]
+    CommandState {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("ack log: {0}")]
     AckLog(std::io::Error),
     #[error("inference collector: {0}")]
@@ -94,13 +103,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     tracing::info!(node_id = %node, controller = %config.controller, gpus = inventory.gpus.len(), gpu_source = inventory.gpu_source.as_str(), "agent starting");
 
     let simulation = gpu_source.simulation();
+    let pinned = match &config.command_key {
+        Some(path) => Some(flotilla_common::envelope::PinnedKey::load(path)?),
+        None => {
+            tracing::warn!("no command_key configured: this agent refuses every command");
+            None
+        }
+    };
+    let commands_dir = config.data_dir.join("commands");
+    let gate = executor::Gate::open(node.clone(), pinned, &commands_dir)
+        .map_err(|source| AgentError::CommandState { path: commands_dir.display().to_string(), source })?;
+    let command_host = executor::Host {
+        gpus: inventory.gpus.clone(),
+        runtime: std::sync::Arc::new(runtime::DockerRuntime::new(config.runtime.clone())),
+    };
     let uplink = uplink::Uplink::new(
         node,
         inventory,
         endpoint,
         config.heartbeat(),
         config.uplink.clone(),
-        uplink::Durable { seq, buffer, buffered },
+        uplink::Durable { seq, buffer, buffered, gate, host: command_host },
     )
     .map_err(AgentError::AckLog)?
     .with_simulation(simulation);

@@ -47,6 +47,9 @@ struct Args {
     /// Diagnostics: append every acknowledged seq to this file.
     #[arg(long, env = "FLOTILLA_ACK_LOG")]
     ack_log: Option<PathBuf>,
+    /// The controller's command-signing public key to pin (command-signing.pub).
+    #[arg(long, env = "FLOTILLA_COMMAND_KEY")]
+    command_key: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         gpu_source: args.gpu_source,
         simulated_gpus: args.simulated_gpus,
         ack_log: args.ack_log,
+        command_key: args.command_key,
         log_format: args.log_format,
     };
     let config = match Config::load(args.config.as_deref(), overrides) {

@@ -23,7 +23,10 @@ use tonic::transport::Endpoint;
 
 use crate::buffer::DiskBuffer;
 use crate::config::UplinkConfig;
+use crate::executor::{Admission, Gate, Host, Outcome};
 use crate::seq::SeqAllocator;
+use flotilla_common::command::CommandStatus;
+use flotilla_common::envelope::SignedEnvelope;
 
 /// How long to wait for the controller's welcome after opening the stream.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +40,9 @@ pub struct Durable {
     pub seq: SeqAllocator,
     pub buffer: DiskBuffer,
     pub buffered: Vec<TelemetryBatch>,
+    /// The signed-command gate (its seen ids are on disk too) and the host it acts on.
+    pub gate: Gate,
+    pub host: Host,
 }
 
 struct Pending {
@@ -74,6 +80,18 @@ pub struct Uplink {
     welcomed_once: bool,
     /// Where `SimInject` from the controller goes (simulated GPU sources only).
     simulation: Option<crate::gpu::simulated::SimHandle>,
+    /// Signed commands: verification, execution and results on their way back.
+    commands: Commands,
+}
+
+/// The command path of the uplink.
+struct Commands {
+    gate: Gate,
+    host: Host,
+    results_tx: mpsc::Sender<Outcome>,
+    results_rx: mpsc::Receiver<Outcome>,
+    /// Results finished while the link was down, sent on the next link.
+    unsent: VecDeque<Outcome>,
 }
 
 impl std::fmt::Debug for Uplink {
@@ -91,7 +109,7 @@ impl Uplink {
         config: UplinkConfig,
         durable: Durable,
     ) -> Result<Self, std::io::Error> {
-        let Durable { mut seq, buffer, buffered } = durable;
+        let Durable { mut seq, buffer, buffered, .. } = durable;
         let ack_log = match &config.ack_log {
             Some(path) => Some(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
             None => None,
@@ -117,6 +135,10 @@ impl Uplink {
             ack_log,
             welcomed_once: false,
             simulation: None,
+            commands: {
+                let (results_tx, results_rx) = mpsc::channel(64);
+                Commands { gate: durable.gate, host: durable.host, results_tx, results_rx, unsent: VecDeque::new() }
+            },
         })
     }
 
@@ -171,6 +193,7 @@ impl Uplink {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep_until(deadline) => break,
+                    Some(outcome) = self.commands.results_rx.recv() => self.commands.unsent.push_back(outcome),
                     batch = batches.recv() => match batch {
                         Some(b) => { self.enqueue(b); }
                         None => return,
@@ -299,9 +322,16 @@ impl Uplink {
         batches: &mut mpsc::Receiver<TelemetryBatch>,
         cancel: &CancellationToken,
     ) -> LinkEnd {
-        // Resend everything not yet acknowledged, oldest first.
+        // Resend everything not yet acknowledged, oldest first; then results
+        // of commands that finished while the link was down.
         for i in 0..self.pending.len() {
             if let Err(reason) = self.send(&link, i).await {
+                return LinkEnd::Broken(reason);
+            }
+        }
+        while let Some(outcome) = self.commands.unsent.pop_front() {
+            if let Err(reason) = self.send_result(&link, &outcome).await {
+                self.commands.unsent.push_front(outcome);
                 return LinkEnd::Broken(reason);
             }
         }
@@ -313,6 +343,12 @@ impl Uplink {
                 () = cancel.cancelled() => {
                     self.drain_acks(&mut link).await;
                     return LinkEnd::Shutdown;
+                }
+                Some(outcome) = self.commands.results_rx.recv() => {
+                    if let Err(reason) = self.send_result(&link, &outcome).await {
+                        self.commands.unsent.push_back(outcome);
+                        return LinkEnd::Broken(reason);
+                    }
                 }
                 batch = batches.recv() => {
                     let Some(batch) = batch else { return LinkEnd::Shutdown };
@@ -331,6 +367,11 @@ impl Uplink {
                 msg = link.inbound.message() => match msg {
                     Ok(Some(pb::ControllerMessage { body: Some(Down::Ack(ack)) })) => self.on_ack(&ack.seqs),
                     Ok(Some(pb::ControllerMessage { body: Some(Down::SimInject(inject)) })) => self.on_sim_inject(&inject),
+                    Ok(Some(pb::ControllerMessage { body: Some(Down::Command(signed)) })) => {
+                        if let Err(reason) = self.on_command(&link, signed).await {
+                            return LinkEnd::Broken(reason);
+                        }
+                    }
                     Ok(Some(_)) => tracing::debug!("ignoring unexpected controller message"),
                     Ok(None) => return LinkEnd::Broken("controller closed the stream".to_owned()),
                     Err(status) => return LinkEnd::Broken(refusal(status)),
@@ -361,6 +402,47 @@ impl Uplink {
             Ok(Err(_)) => Err("stream closed".to_owned()),
             Err(_) => Err("controller not reading the stream".to_owned()),
         }
+    }
+
+    /// Verifies a signed command; answers refusals (and resends) at once, runs the rest.
+    async fn on_command(&mut self, link: &Link, signed: pb::SignedCommand) -> Result<(), String> {
+        let signed = SignedEnvelope { bytes: signed.envelope, signature: signed.signature };
+        match self.commands.gate.admit(&signed) {
+            Admission::Answer(outcome) => {
+                if outcome.status == CommandStatus::Refused {
+                    tracing::warn!(reason = %outcome.detail, "refused a command; nothing was executed");
+                }
+                self.send_result(link, &outcome).await
+            }
+            Admission::Run { id, command } => {
+                let host = self.commands.host.clone();
+                let tx = self.commands.results_tx.clone();
+                // Commands run beside the stream (a drain takes minutes); results come back through the channel.
+                tokio::spawn(async move {
+                    let outcome = crate::executor::execute(&host, id, command).await;
+                    let _ = tx.send(outcome).await;
+                });
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_result(&mut self, link: &Link, outcome: &Outcome) -> Result<(), String> {
+        self.commands.gate.finish(outcome);
+        let status = match outcome.status {
+            CommandStatus::Succeeded => pb::CommandStatus::Succeeded,
+            CommandStatus::Failed => pb::CommandStatus::Failed,
+            CommandStatus::Refused => pb::CommandStatus::Refused,
+        };
+        let msg = pb::AgentMessage {
+            body: Some(Up::CommandResult(pb::CommandResult {
+                command_id: outcome.id.map(|id| id.as_bytes().to_vec()).unwrap_or_default(),
+                status: status.into(),
+                detail: outcome.detail.clone(),
+                output_json: outcome.output.to_string(),
+            })),
+        };
+        self.send_msg(link, msg).await
     }
 
     fn on_ack(&mut self, seqs: &[u64]) {

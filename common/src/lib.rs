@@ -4,6 +4,7 @@
 //! shutdown signal.
 
 pub mod client;
+pub mod command;
 pub mod config;
 pub mod envelope;
 pub mod identity;

@@ -6,7 +6,9 @@
 //! `main.rs` is thin: it parses flags and calls [`run`]; tests and `flotctl demo`
 //! call [`Controller::bind`] to run it in-process.
 
+pub mod audit;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod exporter;
 pub mod fleetview;
@@ -51,6 +53,8 @@ pub enum ControllerError {
     },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("command signing key: {0}")]
+    CommandKey(String),
     #[error("server reflection: {0}")]
     Reflection(String),
 }

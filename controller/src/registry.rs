@@ -31,6 +31,8 @@ pub struct Session {
 pub enum Downlink {
     /// Inject a fault into the agent's simulated GPUs.
     InjectFault { fault: flotilla_common::model::SimFault, gpu: Option<u32> },
+    /// A signed command envelope.
+    Command(flotilla_common::envelope::SignedEnvelope),
 }
 
 /// The registry of live sessions; cheap to clone.

@@ -40,7 +40,20 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
         commit.clone(),
         &tracker,
     );
+    let commands = {
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || crate::commands::CommandCenter::load(&dir))
+            .await
+            .map_err(|e| ControllerError::CommandKey(e.to_string()))?
+            .map_err(|e| ControllerError::CommandKey(e.to_string()))?
+    };
+    tracing::info!(
+        key_id = commands.key_id(),
+        public_key = %crate::commands::public_key_path(&config.data_dir).display(),
+        "command signing key ready; agents pin its public key (command_key)"
+    );
     let ctx = Context {
+        commands: std::sync::Arc::new(commands),
         store: store.clone(),
         registry: registry.clone(),
         committer,
@@ -101,7 +114,8 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
         // the stream cap stops one connection from hogging the server.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .timeout(Duration::from_secs(30))
+        // Commands such as drain wait up to their own deadline (at most about an hour).
+        .timeout(Duration::from_secs(3900))
         .max_concurrent_streams(Some(256))
         .add_service(health_service)
         .add_service(reflection)

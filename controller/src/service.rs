@@ -11,6 +11,7 @@ pub struct Context {
     pub registry: crate::registry::Registry,
     pub committer: crate::ingest::Committer,
     pub view: crate::fleetview::FleetView,
+    pub commands: std::sync::Arc<crate::commands::CommandCenter>,
     pub feed: crate::watch::TelemetryFeed,
     pub config: std::sync::Arc<crate::config::Config>,
     pub shutdown: tokio_util::sync::CancellationToken,

@@ -86,6 +86,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<TelemetryBatch>, StoreError>;
     /// Bytes the store occupies on disk (0 if unknown).
     fn size_on_disk(&self) -> u64;
+    /// Appends to the hash-chained audit log and flushes; returns the record.
+    fn append_audit(&self, entry: crate::audit::AuditEntry) -> Result<crate::audit::AuditRecord, StoreError>;
+    /// Every audit record, oldest first.
+    fn audit_records(&self) -> Result<Vec<crate::audit::AuditRecord>, StoreError>;
     /// Deletes batches made before `cutoff_unix_ms` that are already rolled up
     /// (seq at or below the node's rollup watermark); returns how many.
     fn prune_batches(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError>;

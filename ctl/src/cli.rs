@@ -72,6 +72,54 @@ pub enum Command {
     /// Simulated GPUs (demo and labs): inject faults.
     #[command(subcommand)]
     Sim(SimCmd),
+    /// Run a signed command on a node (or on many, by label selector).
+    Exec(ExecArgs),
+    /// The hash-chained audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExecArgs {
+    /// NODE COMMAND, or just COMMAND with --selector. COMMAND is one of noop,
+    /// prestart-check, diagnostics, logs, stop, restart, drain, deploy.
+    #[arg(num_args = 1..=2, required = true, value_names = ["NODE", "COMMAND"])]
+    pub words: Vec<String>,
+    /// Command argument KEY=VALUE (repeatable), e.g. container=NAME, tail=100,
+    /// model_path=/models/llama, min_free_bytes=..., image=..., endpoint=http://127.0.0.1:8000
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    pub args: Vec<String>,
+    /// Container spec (YAML) for deploy.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<std::path::PathBuf>,
+    /// Run on every node whose labels match KEY=VALUE[,KEY=VALUE...] instead of one node.
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// With --selector: how many nodes run at once (a sliding window).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch: u32,
+    /// With --selector: keep going after a node fails (default: stop starting new ones).
+    #[arg(long)]
+    pub continue_on_error: bool,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// List audit records, oldest first.
+    Ls {
+        /// Only records newer than this, e.g. 1h or 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Recompute the hash chain: exit 0 with the record count when intact, 1 naming the first broken record.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,4 +254,14 @@ pub struct DemoArgs {
     /// Telemetry interval of the demo agents.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub interval: std::time::Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,6 +1,8 @@
 //! Command handlers, one file per command group.
 
+mod audit;
 mod context;
+mod exec;
 mod metrics;
 mod nodes;
 mod pki;
@@ -20,6 +22,14 @@ pub async fn dispatch(cli: Cli, env: Env) -> anyhow::Result<()> {
         Command::Metrics(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
             metrics::run(cmd, &conn).await
+        }
+        Command::Exec(args) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            exec::run(args, &conn).await
+        }
+        Command::Audit(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            audit::run(cmd, &conn).await
         }
         Command::Sim(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;

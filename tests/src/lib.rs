@@ -532,3 +532,137 @@ pub fn metrics_fixture(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/metrics").join(name);
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// The tag of the stand-in model server's image; see [`standin_image`].
+pub const STANDIN_IMAGE: &str = "flotilla-standin:test";
+
+/// The label on the stand-in image holding a fingerprint of the binary inside, so
+/// a rebuilt binary gets a rebuilt image and an unchanged one is reused.
+const STANDIN_DIGEST_LABEL: &str = "flotilla.standin.digest";
+
+/// Builds `flotilla-standin:test` (once per test process, and only when the binary
+/// changed) and returns its tag. No registry is reachable, so the image is made by
+/// `docker import` of a tarball: the `flotilla-standin` binary built beside the
+/// tests, plus the shared libraries `ldd` lists for it (glibc, libgcc_s, the
+/// loader) at their absolute paths. It listens on `0.0.0.0:8000` in the container.
+pub fn standin_image() -> String {
+    static BUILT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_standin_image).clone()
+}
+
+fn build_standin_image() -> String {
+    let binary = bin("flotilla-standin");
+    let digest = format!("{:016x}", fnv1a(&fs::read(&binary).expect("read the stand-in binary")));
+    if standin_digest().as_deref() == Some(digest.as_str()) {
+        return STANDIN_IMAGE.to_owned();
+    }
+    // nextest runs each test in its own process, and they share one engine: one
+    // process builds while the others wait on the lock, then find the image built.
+    let lock_path = std::env::temp_dir().join("flotilla-standin-image.lock");
+    let lock = fs::File::create(&lock_path).expect("create the image build lock");
+    lock.lock().expect("take the image build lock");
+    if standin_digest().as_deref() == Some(digest.as_str()) {
+        return STANDIN_IMAGE.to_owned();
+    }
+    let dir = tempfile::tempdir().expect("temp dir for the image");
+    let root = dir.path().join("rootfs");
+    fs::create_dir_all(&root).expect("rootfs dir");
+    fs::copy(&binary, root.join("flotilla-standin")).expect("copy the stand-in binary");
+    for lib in shared_libraries(&binary) {
+        let target = root.join(lib.strip_prefix("/").expect("ldd paths are absolute"));
+        fs::create_dir_all(target.parent().expect("a library path has a directory")).expect("library dir");
+        // fs::copy follows symlinks: the image gets the file, at the path the loader asks for.
+        fs::copy(&lib, &target).unwrap_or_else(|e| panic!("copy {}: {e}", lib.display()));
+    }
+    let tarball = dir.path().join("rootfs.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["--owner=0", "--group=0", "--numeric-owner", "-cf"])
+            .arg(&tarball)
+            .arg("."),
+    );
+    run_ok(
+        Command::new("docker")
+            .arg("import")
+            .args(["--change", r#"ENTRYPOINT ["/flotilla-standin"]"#])
+            .args(["--change", "ENV STANDIN_LISTEN=0.0.0.0:8000"])
+            .args(["--change", "EXPOSE 8000"])
+            .args(["--change", &format!("LABEL {STANDIN_DIGEST_LABEL}={digest}")])
+            .arg(&tarball)
+            .arg(STANDIN_IMAGE),
+    );
+    let help = run_ok(Command::new("docker").args(["run", "--rm", STANDIN_IMAGE, "--help"]));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("stand-in"), "the image runs the stand-in");
+    drop(lock);
+    STANDIN_IMAGE.to_owned()
+}
+
+/// The binary fingerprint on the current stand-in image, if there is one.
+fn standin_digest() -> Option<String> {
+    let format = format!("{{{{index .Config.Labels \"{STANDIN_DIGEST_LABEL}\"}}}}");
+    let out = Command::new("docker").args(["image", "inspect", "--format", &format, STANDIN_IMAGE]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The absolute paths of the shared libraries and the loader `ldd` lists for `binary`.
+fn shared_libraries(binary: &Path) -> Vec<PathBuf> {
+    let out = run_ok(Command::new("ldd").arg(binary));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)";
+            // linux-vdso has no file and is skipped.
+            let path = line.split_once("=>").map_or(line, |(_, p)| p).split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// A container name no other test (or earlier run) uses: `flotilla-test-WHAT-RANDOM`.
+/// Also a valid deployment name.
+pub fn unique_container_name(what: &str) -> String {
+    format!("flotilla-test-{what}-{:08x}", rand::random::<u32>())
+}
+
+/// Force-removes the named containers when dropped, so a failed test leaves
+/// nothing running on the engine.
+#[derive(Debug, Default)]
+pub struct ContainerCleanup {
+    names: Vec<String>,
+}
+
+impl ContainerCleanup {
+    /// Removes `names` when dropped.
+    pub fn new<S: Into<String>>(names: impl IntoIterator<Item = S>) -> Self {
+        Self { names: names.into_iter().map(Into::into).collect() }
+    }
+
+    /// Adds a container to remove.
+    pub fn add(&mut self, name: impl Into<String>) {
+        self.names.push(name.into());
+    }
+}
+
+impl Drop for ContainerCleanup {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", "-v", name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}

@@ -148,6 +148,9 @@ fn check_hello(ctx: &Context, cert_node: &NodeId, hello: pb::Hello) -> Result<(I
 fn to_wire(down: Downlink) -> pb::ControllerMessage {
     let body = match down {
         Downlink::InjectFault { fault, gpu } => Down::SimInject(pb::SimInject { fault: fault.to_string(), gpu }),
+        Downlink::Command(signed) => {
+            Down::Command(pb::SignedCommand { envelope: signed.bytes, signature: signed.signature })
+        }
     };
     pb::ControllerMessage { body: Some(body) }
 }
@@ -230,7 +233,34 @@ impl StreamSession {
             Some(Up::Heartbeat(_)) => Ok(()),
             Some(Up::Telemetry(batch)) => self.on_telemetry(batch, acks).await,
             Some(Up::Hello(_)) => Err(Status::failed_precondition("hello may be sent only once per stream")),
+            Some(Up::CommandResult(result)) => {
+                self.on_command_result(result);
+                Ok(())
+            }
             None => Err(Status::invalid_argument("empty agent message")),
+        }
+    }
+
+    fn on_command_result(&self, r: pb::CommandResult) {
+        use flotilla_common::command::CommandStatus;
+        let Some(id) = flotilla_common::envelope::CommandId::from_slice(&r.command_id) else {
+            tracing::warn!("ignoring a command result without a valid id");
+            return;
+        };
+        let status = match pb::CommandStatus::try_from(r.status) {
+            Ok(pb::CommandStatus::Succeeded) => CommandStatus::Succeeded,
+            Ok(pb::CommandStatus::Refused) => CommandStatus::Refused,
+            _ => CommandStatus::Failed,
+        };
+        // Bound what an agent can make the controller hold.
+        let detail: String = r.detail.chars().take(4096).collect();
+        let output_json = if r.output_json.len() > 1024 * 1024 { "{}".to_owned() } else { r.output_json };
+        if status == CommandStatus::Refused {
+            tracing::warn!(command_id = %id, %detail, "agent refused a command");
+        }
+        let reply = crate::commands::CommandReply { status, detail, output_json };
+        if !self.ctx.commands.complete(&self.node, id, reply) {
+            tracing::debug!(command_id = %id, "result for a command nobody waits for");
         }
     }
 

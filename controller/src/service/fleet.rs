@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+mod ops;
+
 use super::{Context, blocking};
 use crate::query::{QueryError, RangeQuery, SeriesPoints};
 use crate::registry::{Downlink, node_state, unix_ms_at};
@@ -55,6 +57,27 @@ impl FleetApi {
 
 #[tonic::async_trait]
 impl Fleet for FleetApi {
+    async fn exec_command(
+        &self,
+        request: Request<pb::ExecCommandRequest>,
+    ) -> Result<Response<pb::ExecCommandResponse>, Status> {
+        ops::exec(&self.ctx, request).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        ops::list_audit(&self.ctx, request).await
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        ops::verify_audit(&self.ctx, request).await
+    }
+
     type WatchTelemetryStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTelemetryResponse, Status>> + Send>>;
 
     #[tracing::instrument(skip_all, fields(caller))]
@@ -106,8 +129,8 @@ impl Fleet for FleetApi {
         &self,
         request: Request<pb::InjectFaultRequest>,
     ) -> Result<Response<pb::InjectFaultResponse>, Status> {
-        let (caller, _role) = crate::auth::require_operator(&request)?;
-        tracing::Span::current().record("caller", caller.as_str());
+        let actor = ops::actor_for_action(&request)?;
+        tracing::Span::current().record("caller", actor.as_str());
         let req = request.into_inner();
         let id = NodeId::new(req.node_id.clone())
             .map_err(|e| Status::invalid_argument(format!("node id {:?}: {e}", req.node_id)))?;
@@ -136,6 +159,8 @@ impl Fleet for FleetApi {
             .registry
             .session(&id)
             .ok_or_else(|| Status::failed_precondition(format!("node {id} is not connected")))?;
+        let detail = serde_json::json!({ "fault": fault.to_string(), "gpu": req.gpu });
+        ops::audit(&self.ctx, &actor, "sim.inject", id.as_str(), detail).await?;
         session
             .downlink
             .try_send(Downlink::InjectFault { fault, gpu: req.gpu })

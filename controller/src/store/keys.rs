@@ -18,6 +18,8 @@ pub const ROLLUP_SERIES: &str = "rollup_series";
 pub const ROLLUPS: &str = "rollups";
 /// Per node, the highest seq folded into rollups (u64 big-endian).
 pub const ROLLUP_WATERMARKS: &str = "rollup_watermarks";
+/// The hash-chained audit log: seq (u64 big-endian) → `AuditRecord`.
+pub const AUDIT: &str = "audit";
 
 /// Key in META holding the schema version (u32 big-endian).
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";

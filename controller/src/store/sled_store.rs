@@ -17,6 +17,9 @@ pub struct SledStore {
     rollup_series: sled::Tree,
     rollups: sled::Tree,
     rollup_watermarks: sled::Tree,
+    audit: sled::Tree,
+    /// Serialises audit appends: each record chains to the one before it.
+    audit_lock: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -57,6 +60,8 @@ impl SledStore {
             rollup_watermarks: db
                 .open_tree(keys::ROLLUP_WATERMARKS)
                 .map_err(sled_err("open rollup watermarks tree"))?,
+            audit: db.open_tree(keys::AUDIT).map_err(sled_err("open audit tree"))?,
+            audit_lock: std::sync::Mutex::new(()),
             db,
         };
         // Migrations run in order from the version found; version 0 is a new store.
@@ -128,6 +133,28 @@ impl Store for SledStore {
             .take(limit)
             .map(|item| {
                 let (k, v) = item.map_err(sled_err("scan telemetry"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn append_audit(&self, entry: crate::audit::AuditEntry) -> Result<crate::audit::AuditRecord, StoreError> {
+        let _guard = self.audit_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last: Option<crate::audit::AuditRecord> = match self.audit.last().map_err(sled_err("read audit head"))? {
+            Some((k, v)) => Some(codec::decode(&k, &v)?),
+            None => None,
+        };
+        let record = crate::audit::AuditRecord::chain(last.as_ref(), entry);
+        self.audit.insert(record.seq.to_be_bytes(), codec::encode(&record)).map_err(sled_err("write audit record"))?;
+        self.db.flush().map_err(sled_err("flush audit record"))?;
+        Ok(record)
+    }
+
+    fn audit_records(&self) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
+        self.audit
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan audit"))?;
                 codec::decode(&k, &v)
             })
             .collect()

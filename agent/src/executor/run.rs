@@ -1,0 +1,259 @@
+//! What each command does on the host. Runtime failures come back as a failed
+//! command with the engine's message; nothing here can take the agent down.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_common::command::{Command, CommandStatus};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::Host;
+use crate::inference::{InferenceCollector, InferenceEndpoint};
+use crate::runtime::{ContainerInfo, ContainerSpec, Runtime};
+
+type Done = (CommandStatus, String, Value);
+
+fn failed(detail: impl Into<String>) -> Done {
+    (CommandStatus::Failed, detail.into(), json!({}))
+}
+
+fn info_json(c: &ContainerInfo) -> Value {
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "image": c.image,
+        "deployment": c.deployment,
+        "revision": c.revision,
+        "state": format!("{:?}", c.state).to_lowercase(),
+        "health": format!("{:?}", c.health).to_lowercase(),
+    })
+}
+
+pub async fn run(host: &Host, command: Command) -> Done {
+    let rt = host.runtime.as_ref();
+    match command {
+        Command::Noop => (CommandStatus::Succeeded, "noop".into(), json!({ "noop": true })),
+        Command::PrestartCheck { model_path, min_free_bytes, image } => {
+            prestart(host, model_path.as_deref(), min_free_bytes, image.as_deref()).await
+        }
+        Command::Diagnostics { log_lines } => diagnostics(host, log_lines).await,
+        Command::Logs { container, tail } => match rt.logs(&container, tail as usize).await {
+            Ok(lines) => {
+                let lines: Vec<String> = lines.iter().map(ToString::to_string).collect();
+                (CommandStatus::Succeeded, format!("{} lines", lines.len()), json!({ "lines": lines }))
+            }
+            Err(e) => failed(e.to_string()),
+        },
+        Command::Stop { container, timeout_s } => {
+            match rt.stop(&container, Duration::from_secs(u64::from(timeout_s))).await {
+                Ok(info) => (CommandStatus::Succeeded, format!("{container} stopped"), info_json(&info)),
+                Err(e) => failed(e.to_string()),
+            }
+        }
+        Command::Restart { container, timeout_s } => {
+            match rt.restart(&container, Duration::from_secs(u64::from(timeout_s))).await {
+                Ok(info) => (CommandStatus::Succeeded, format!("{container} restarted"), info_json(&info)),
+                Err(e) => failed(e.to_string()),
+            }
+        }
+        Command::Deploy { spec_yaml } => {
+            let spec = match ContainerSpec::from_yaml(&spec_yaml).and_then(|s| s.validate(&host.gpus)) {
+                Ok(s) => s,
+                Err(e) => return failed(format!("container spec refused: {e}")),
+            };
+            match rt.deploy(&spec).await {
+                Ok(info) => (CommandStatus::Succeeded, format!("{} running", info.name), info_json(&info)),
+                Err(e) => failed(e.to_string()),
+            }
+        }
+        Command::Drain { container, endpoint, deadline_s, timeout_s } => {
+            drain(host, &container, &endpoint, Duration::from_secs(u64::from(deadline_s)), timeout_s).await
+        }
+    }
+}
+
+async fn prestart(host: &Host, model_path: Option<&str>, min_free: u64, image: Option<&str>) -> Done {
+    let mut checks = Vec::new();
+    let mut check =
+        |name: &str, ok: bool, detail: String| checks.push(json!({ "name": name, "ok": ok, "detail": detail }));
+    match host.gpus.first() {
+        Some(g) => check("gpu_visible", true, format!("{} GPU(s), {}", host.gpus.len(), g.model)),
+        None => check("gpu_visible", false, "no GPU is visible to the agent".into()),
+    }
+    match model_path {
+        Some(path) => {
+            let (free_ok, free_detail) = free_space(Path::new(path), min_free);
+            check("disk_space", free_ok, free_detail);
+            let (files_ok, files_detail) = model_files(Path::new(path));
+            check("model_files", files_ok, files_detail);
+        }
+        None => {
+            check("disk_space", true, "skipped: pass model_path=DIR to check it".into());
+            check("model_files", true, "skipped: pass model_path=DIR to check it".into());
+        }
+    }
+    let runtime_ok = match host.runtime.ping().await {
+        Ok(()) => {
+            check("runtime_reachable", true, format!("{}", host.runtime.config().socket.display()));
+            true
+        }
+        Err(e) => {
+            check("runtime_reachable", false, e.to_string());
+            false
+        }
+    };
+    if let Some(image) = image {
+        match host.runtime.image_present(image).await {
+            Ok(true) => check("image_present", true, format!("{image} is present locally")),
+            Ok(false) => {
+                check("image_present", false, format!("{image} is not present locally; load or build it first"))
+            }
+            Err(e) if !runtime_ok => check("image_present", false, format!("runtime unreachable: {e}")),
+            Err(e) => check("image_present", false, e.to_string()),
+        }
+    }
+    let failing: Vec<String> =
+        checks.iter().filter(|c| c["ok"] == false).filter_map(|c| c["name"].as_str().map(str::to_owned)).collect();
+    let ok = failing.is_empty();
+    let total = checks.len();
+    let output = json!({ "ok": ok, "checks": checks });
+    if ok {
+        (CommandStatus::Succeeded, format!("all {total} checks passed"), output)
+    } else {
+        (CommandStatus::Failed, format!("{} of {total} checks failed: {}", failing.len(), failing.join(", ")), output)
+    }
+}
+
+/// Free bytes on the filesystem holding `path` against the threshold.
+fn free_space(path: &Path, min_free: u64) -> (bool, String) {
+    let disks = sysinfo::Disks::new_with_refreshed_list();
+    let Some(disk) = disks
+        .list()
+        .iter()
+        .filter(|d| path.starts_with(d.mount_point()))
+        .max_by_key(|d| d.mount_point().as_os_str().len())
+    else {
+        return (false, format!("no mounted filesystem holds {}", path.display()));
+    };
+    let free = disk.available_space();
+    let gib = |b: u64| b as f64 / (1024.0 * 1024.0 * 1024.0);
+    let detail =
+        format!("{:.1} GiB free on {} (needs {:.1} GiB)", gib(free), disk.mount_point().display(), gib(min_free));
+    (free >= min_free, detail)
+}
+
+/// The model directory exists, holds weights, and its `config.json` parses.
+fn model_files(path: &Path) -> (bool, String) {
+    if !path.is_dir() {
+        return (false, format!("{} is not a directory", path.display()));
+    }
+    let config = path.join("config.json");
+    let parsed = std::fs::read(&config)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(Value::Object(_)) => {}
+        Ok(_) => return (false, format!("{} is not a JSON object", config.display())),
+        Err(e) => return (false, format!("{}: {e}", config.display())),
+    }
+    let weights = std::fs::read_dir(path)
+        .map(|dir| {
+            dir.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().to_lowercase();
+                    n.ends_with(".safetensors") || n.ends_with(".bin") || n.ends_with(".gguf") || n.ends_with(".pt")
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    if weights == 0 {
+        return (false, format!("no weight files (*.safetensors, *.bin, *.gguf, *.pt) in {}", path.display()));
+    }
+    (true, format!("config.json parses; {weights} weight file(s)"))
+}
+
+async fn diagnostics(host: &Host, log_lines: u32) -> Done {
+    let gpus: Vec<Value> = host
+        .gpus
+        .iter()
+        .map(|g| json!({ "index": g.index, "uuid": g.uuid, "model": g.model, "memory_total_bytes": g.memory_total_bytes }))
+        .collect();
+    let disks: Vec<Value> = sysinfo::Disks::new_with_refreshed_list()
+        .list()
+        .iter()
+        .map(|d| {
+            json!({
+                "mount_point": d.mount_point().display().to_string(),
+                "size_bytes": d.total_space(),
+                "avail_bytes": d.available_space(),
+            })
+        })
+        .collect();
+    let containers = match host.runtime.list_managed().await {
+        Ok(list) => {
+            let mut out = Vec::new();
+            for c in list {
+                let logs = match host.runtime.logs(&c.id, log_lines as usize).await {
+                    Ok(lines) => lines.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    Err(e) => vec![format!("(logs unavailable: {e})")],
+                };
+                let mut v = info_json(&c);
+                v["last_log_lines"] = json!(logs);
+                out.push(v);
+            }
+            json!(out)
+        }
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    (
+        CommandStatus::Succeeded,
+        "diagnostics collected".into(),
+        json!({ "gpus": gpus, "filesystems": disks, "containers": containers }),
+    )
+}
+
+/// Running requests at `endpoint`, from its /metrics (summed over models).
+async fn running_requests(collector: &mut InferenceCollector) -> Option<f64> {
+    let round = collector.collect().await;
+    let running: Vec<f64> =
+        round.samples.iter().filter(|s| s.name == "flotilla_inference_requests_running").map(|s| s.value).collect();
+    (!running.is_empty()).then(|| running.iter().sum())
+}
+
+async fn drain(host: &Host, container: &str, endpoint: &str, deadline: Duration, timeout_s: u32) -> Done {
+    let started = Instant::now();
+    let mut collector = match InferenceCollector::new(vec![InferenceEndpoint::new("drain", endpoint)]) {
+        Ok(c) => c,
+        Err(e) => return failed(format!("endpoint {endpoint}: {e}")),
+    };
+    let at_start = running_requests(&mut collector).await;
+    let mut last = at_start;
+    let mut reached_zero = at_start == Some(0.0);
+    while !reached_zero && started.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        last = running_requests(&mut collector).await;
+        reached_zero = last == Some(0.0);
+    }
+    let waited_ms = started.elapsed().as_millis() as u64;
+    let stopped = host.runtime.stop(container, Duration::from_secs(u64::from(timeout_s))).await;
+    let output = json!({
+        "in_flight_at_start": at_start,
+        "in_flight_at_stop": last,
+        "reached_zero": reached_zero,
+        "waited_ms": waited_ms,
+    });
+    match stopped {
+        Ok(_) if reached_zero => (
+            CommandStatus::Succeeded,
+            format!("drained {} request(s) in {waited_ms} ms, then stopped {container}", at_start.unwrap_or(0.0)),
+            output,
+        ),
+        Ok(_) => (
+            CommandStatus::Failed,
+            format!("deadline passed with {:?} request(s) still running; {container} stopped anyway", last),
+            output,
+        ),
+        Err(e) => (CommandStatus::Failed, format!("stopping {container}: {e}"), output),
+    }
+}
