@@ -244,3 +244,16 @@ mod tests {
         assert!(Config::load(None, o).unwrap_err().to_string().contains("interval"));
     }
 }
+
+#[cfg(test)]
+mod example_spec_tests {
+    #[test]
+    fn the_example_container_spec_in_deploy_parses() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/model-server.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let spec = crate::runtime::ContainerSpec::from_yaml(&text).unwrap();
+        assert_eq!(spec.name, "llama-8b");
+        let gpu = flotilla_common::model::GpuInfo { index: 0, uuid: "GPU-x".into(), model: "H100".into(), memory_total_bytes: 1 };
+        spec.validate(&[gpu]).unwrap();
+    }
+}
