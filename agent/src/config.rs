@@ -253,7 +253,12 @@ mod example_spec_tests {
         let text = std::fs::read_to_string(path).unwrap();
         let spec = crate::runtime::ContainerSpec::from_yaml(&text).unwrap();
         assert_eq!(spec.name, "llama-8b");
-        let gpu = flotilla_common::model::GpuInfo { index: 0, uuid: "GPU-x".into(), model: "H100".into(), memory_total_bytes: 1 };
+        let gpu = flotilla_common::model::GpuInfo {
+            index: 0,
+            uuid: "GPU-x".into(),
+            model: "H100".into(),
+            memory_total_bytes: 1,
+        };
         spec.validate(&[gpu]).unwrap();
     }
 }

@@ -574,6 +574,7 @@ fn build_standin_image() -> String {
         // fs::copy follows symlinks: the image gets the file, at the path the loader asks for.
         fs::copy(&lib, &target).unwrap_or_else(|e| panic!("copy {}: {e}", lib.display()));
     }
+    let replaced = image_id(STANDIN_IMAGE);
     let tarball = dir.path().join("rootfs.tar");
     run_ok(
         Command::new("tar")
@@ -593,6 +594,11 @@ fn build_standin_image() -> String {
             .arg(&tarball)
             .arg(STANDIN_IMAGE),
     );
+    // The image the tag pointed at is now untagged; drop it unless a container
+    // still uses it (the engine refuses that, which is fine).
+    if let Some(old) = replaced.filter(|old| image_id(STANDIN_IMAGE).as_ref() != Some(old)) {
+        let _ = Command::new("docker").args(["image", "rm", &old]).output();
+    }
     let help = run_ok(Command::new("docker").args(["run", "--rm", STANDIN_IMAGE, "--help"]));
     assert!(String::from_utf8_lossy(&help.stdout).contains("stand-in"), "the image runs the stand-in");
     drop(lock);
@@ -603,6 +609,12 @@ fn build_standin_image() -> String {
 fn standin_digest() -> Option<String> {
     let format = format!("{{{{index .Config.Labels \"{STANDIN_DIGEST_LABEL}\"}}}}");
     let out = Command::new("docker").args(["image", "inspect", "--format", &format, STANDIN_IMAGE]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The engine's id of `image`, if present.
+fn image_id(image: &str) -> Option<String> {
+    let out = Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", image]).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
