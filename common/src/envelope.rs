@@ -437,3 +437,34 @@ mod tests {
         assert_eq!(a.to_string().parse::<CommandId>().unwrap(), a);
     }
 }
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// Cost of verifying one envelope (signature + decode + checks); run with
+    /// `cargo test -p flotilla-common --release envelope::bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn verify_cost() {
+        let key = CommandKey::generate();
+        let pinned = key.public();
+        let me = NodeId::new("gpu-1").unwrap();
+        let now = crate::time::now_unix_ms();
+        let signed: Vec<SignedEnvelope> = (0..2000)
+            .map(|_| key.sign(CommandId::new(), &me, "noop".to_owned(), DEFAULT_TTL, now).unwrap())
+            .collect();
+        let start = std::time::Instant::now();
+        for s in &signed {
+            let e: Envelope<String> = pinned.verify(s, &me, now, |_| false).unwrap();
+            assert_eq!(e.payload, "noop");
+        }
+        let per = start.elapsed() / signed.len() as u32;
+        println!("verify: {per:?} per envelope ({} envelopes)", signed.len());
+        let start = std::time::Instant::now();
+        for _ in 0..2000 {
+            let _ = key.sign(CommandId::new(), &me, "noop".to_owned(), DEFAULT_TTL, now).unwrap();
+        }
+        println!("sign: {:?} per envelope", start.elapsed() / 2000);
+    }
+}
