@@ -1,5 +1,4 @@
 //! `flotilla-agent`: parses flags, loads config, runs the agent.
-#![allow(clippy::print_stderr)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use flotilla_agent::config::{Config, GpuSourceChoice, Overrides};
 use flotilla_common::NodeId;
-use flotilla_common::logging::{self, LogFormat};
+use flotilla_common::logging::LogFormat;
 
 /// The Flotilla agent: streams GPU and host telemetry to the controller over mTLS gRPC.
 #[derive(Debug, Parser)]
@@ -81,29 +80,10 @@ fn main() -> ExitCode {
         command_key: args.command_key,
         log_format: args.log_format,
     };
-    let config = match Config::load(args.config.as_deref(), overrides) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("flotilla-agent: config error: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    logging::init(config.log_format, "info");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("flotilla-agent: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async {
-        let shutdown = flotilla_common::shutdown::on_signal();
-        match flotilla_agent::run(config, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("flotilla-agent: {e}");
-                ExitCode::from(1)
-            }
-        }
-    })
+    flotilla_common::daemon::main(
+        "flotilla-agent",
+        Config::load(args.config.as_deref(), overrides),
+        |c| c.log_format,
+        flotilla_agent::run,
+    )
 }

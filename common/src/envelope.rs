@@ -451,9 +451,8 @@ mod bench {
         let pinned = key.public();
         let me = NodeId::new("gpu-1").unwrap();
         let now = crate::time::now_unix_ms();
-        let signed: Vec<SignedEnvelope> = (0..2000)
-            .map(|_| key.sign(CommandId::new(), &me, "noop".to_owned(), DEFAULT_TTL, now).unwrap())
-            .collect();
+        let signed: Vec<SignedEnvelope> =
+            (0..2000).map(|_| key.sign(CommandId::new(), &me, "noop".to_owned(), DEFAULT_TTL, now).unwrap()).collect();
         let start = std::time::Instant::now();
         for s in &signed {
             let e: Envelope<String> = pinned.verify(s, &me, now, |_| false).unwrap();

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod command;
 pub mod config;
+pub mod daemon;
 pub mod envelope;
 pub mod identity;
 pub mod ids;

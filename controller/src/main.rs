@@ -1,12 +1,11 @@
 //! `flotilla-controller`: parses flags, loads config, runs the controller.
-#![allow(clippy::print_stderr)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use flotilla_common::logging::{self, LogFormat};
+use flotilla_common::logging::LogFormat;
 use flotilla_controller::config::{Config, Overrides};
 
 /// The Flotilla controller: fleet state, telemetry store and operator API over mTLS gRPC.
@@ -51,30 +50,10 @@ fn main() -> ExitCode {
         key: args.key,
         log_format: args.log_format,
     };
-    let config = match Config::load(args.config.as_deref(), overrides) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("flotilla-controller: config error: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    logging::init(config.log_format, "info");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("flotilla-controller: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async {
-        let shutdown = flotilla_common::shutdown::on_signal();
-        match flotilla_controller::run(config, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = %e, "controller failed");
-                eprintln!("flotilla-controller: {e}");
-                ExitCode::from(1)
-            }
-        }
-    })
+    flotilla_common::daemon::main(
+        "flotilla-controller",
+        Config::load(args.config.as_deref(), overrides),
+        |c| c.log_format,
+        flotilla_controller::run,
+    )
 }
