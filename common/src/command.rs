@@ -21,6 +21,10 @@ pub enum Command {
     Diagnostics {
         log_lines: u32,
     },
+    /// A container's state, health, image and labels.
+    Inspect {
+        container: String,
+    },
     /// The last `tail` log lines of a container.
     Logs {
         container: String,
@@ -59,6 +63,7 @@ impl Command {
             Self::Noop => "noop",
             Self::PrestartCheck { .. } => "prestart-check",
             Self::Diagnostics { .. } => "diagnostics",
+            Self::Inspect { .. } => "inspect",
             Self::Logs { .. } => "logs",
             Self::Stop { .. } => "stop",
             Self::Restart { .. } => "restart",
@@ -74,12 +79,13 @@ impl Command {
             "prestart-check" => &["model_path", "min_free_bytes", "image"],
             "diagnostics" => &["log_lines"],
             "logs" => &["container", "tail"],
+            "inspect" => &["container"],
             "stop" | "restart" => &["container", "timeout_s"],
             "drain" => &["container", "endpoint", "deadline_s", "timeout_s"],
             "deploy" => &[],
             other => {
                 return Err(format!(
-                    "unknown command {other:?}: use noop, prestart-check, diagnostics, logs, stop, restart, drain or deploy"
+                    "unknown command {other:?}: use noop, prestart-check, diagnostics, inspect, logs, stop, restart, drain or deploy"
                 ));
             }
         };
@@ -107,6 +113,7 @@ impl Command {
             },
             "diagnostics" => Self::Diagnostics { log_lines: small("log_lines", 50, 10_000)? },
             "logs" => Self::Logs { container: required("container")?, tail: small("tail", 100, 100_000)? },
+            "inspect" => Self::Inspect { container: required("container")? },
             "stop" => Self::Stop { container: required("container")?, timeout_s: small("timeout_s", 10, 600)? },
             "restart" => Self::Restart { container: required("container")?, timeout_s: small("timeout_s", 10, 600)? },
             "drain" => Self::Drain {

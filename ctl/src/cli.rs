@@ -82,7 +82,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ExecArgs {
     /// NODE COMMAND, or just COMMAND with --selector. COMMAND is one of noop,
-    /// prestart-check, diagnostics, logs, stop, restart, drain, deploy.
+    /// prestart-check, diagnostics, inspect, logs, stop, restart, drain, deploy.
     #[arg(num_args = 1..=2, required = true, value_names = ["NODE", "COMMAND"])]
     pub words: Vec<String>,
     /// Command argument KEY=VALUE (repeatable), e.g. container=NAME, tail=100,

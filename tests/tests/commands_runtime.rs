@@ -91,6 +91,11 @@ fn deploy_logs_drain_and_stop_through_signed_commands() {
     let (status, body) = http_get(&addr, "/v1/models").unwrap();
     assert_eq!(status, 200, "{body}");
 
+    let out =
+        flotctl(&pki, &url, &["exec", "gpu-a", "inspect", "--arg", &format!("container={container}"), "-o", "json"]);
+    let v = json(&out);
+    assert_eq!(v["health"], "healthy", "{v}");
+    assert_eq!(v["deployment"], name.as_str());
     let out = flotctl(&pki, &url, &["exec", "gpu-a", "logs", "--arg", &format!("container={container}"), "-o", "json"]);
     let v = json(&out);
     assert_eq!(v["status"], "succeeded");

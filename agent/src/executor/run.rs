@@ -38,6 +38,14 @@ pub async fn run(host: &Host, command: Command) -> Done {
             prestart(host, model_path.as_deref(), min_free_bytes, image.as_deref()).await
         }
         Command::Diagnostics { log_lines } => diagnostics(host, log_lines).await,
+        Command::Inspect { container } => match rt.inspect(&container).await {
+            Ok(info) => (
+                CommandStatus::Succeeded,
+                format!("{} is {:?}", info.name, info.state).to_lowercase(),
+                info_json(&info),
+            ),
+            Err(e) => failed(e.to_string()),
+        },
         Command::Logs { container, tail } => match rt.logs(&container, tail as usize).await {
             Ok(lines) => {
                 let lines: Vec<String> = lines.iter().map(ToString::to_string).collect();
