@@ -210,7 +210,11 @@ impl StreamSession {
             }
         };
         if let Err(status) = end {
-            tracing::warn!(error = %status, "closing agent stream");
+            if self.ctx.shutdown.is_cancelled() {
+                tracing::debug!("closing agent stream: controller shutting down");
+            } else {
+                tracing::warn!(error = %status, "closing agent stream");
+            }
             let _ = self.out.try_send(Err(status));
         }
         self.finish().await;
