@@ -326,6 +326,18 @@ fn to_count(v: f64) -> u64 {
 
 const GENERIC_HELP: &str = "Reported by the agent.";
 
+/// Names the controller itself produces from typed data: a named sample may not
+/// use them, or one agent could put a second, conflicting series under a typed
+/// name and break the fleet scrape for everyone. The agent's own named host
+/// series (`flotilla_node_disk_*`, `flotilla_node_model_dir_*`) stay allowed.
+fn reserved(name: &str) -> bool {
+    let allowed_node = ["flotilla_node_disk_", "flotilla_node_model_dir_"];
+    name.starts_with("flotilla_gpu_")
+        || name.starts_with("flotilla_controller_")
+        || name == "flotilla_agent_up"
+        || (name.starts_with("flotilla_node_") && !allowed_node.iter().any(|p| name.starts_with(p)))
+}
+
 /// Re-exports named samples (inference servers, agent internals). Their type is
 /// inferred from Prometheus naming: `_bucket{le}` + `_sum` + `_count` make a
 /// histogram, `_total` a counter, anything else a gauge.
@@ -333,7 +345,7 @@ fn generic_metrics(out: &mut Vec<Metric>, n: &Labels, samples: &[Sample]) {
     let histogram_bases: BTreeSet<&str> =
         samples.iter().filter(|s| s.labels.contains_key("le")).filter_map(|s| s.name.strip_suffix("_bucket")).collect();
     let mut histograms: BTreeMap<(String, Labels), HistogramParts> = BTreeMap::new();
-    for s in samples {
+    for s in samples.iter().filter(|s| !reserved(&s.name)) {
         let mut labels: Labels = n.clone();
         labels.extend(
             s.labels
@@ -416,5 +428,25 @@ mod tests {
         assert_eq!(find(&s, "flotilla_gpu_clock_event_active", ("reason", "gpu_idle")).unwrap().value, 0.0);
         let xid = find(&s, "flotilla_gpu_xid_errors_total", ("xid", "48")).unwrap();
         assert_eq!((xid.kind, xid.value), (Kind::Counter, 2.0));
+    }
+
+    #[test]
+    fn named_samples_cannot_shadow_typed_series() {
+        let node = NodeId::new("n").unwrap();
+        let batch = TelemetryBatch {
+            seq: 1,
+            created_unix_ms: 1,
+            samples: vec![
+                Sample { name: "flotilla_gpu_temperature_celsius".into(), ..Default::default() },
+                Sample { name: "flotilla_node_load1".into(), ..Default::default() },
+                Sample { name: "flotilla_agent_up".into(), ..Default::default() },
+                Sample { name: "flotilla_node_disk_read_bytes_total".into(), ..Default::default() },
+                Sample { name: "flotilla_inference_up".into(), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let names: Vec<String> =
+            batch_metrics(&node, &Inventory::default(), &batch).into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["flotilla_node_disk_read_bytes_total", "flotilla_inference_up"]);
     }
 }

@@ -47,6 +47,8 @@ pub enum StoreError {
         "store at {path} has schema version {found}; this controller understands up to {supported}: upgrade the controller"
     )]
     SchemaTooNew { path: String, found: u32, supported: u32 },
+    #[error("store: cannot encode a value: {0}")]
+    Encode(String),
     #[error("store: corrupt value under {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }

@@ -10,14 +10,8 @@ use super::keys;
 /// The version byte of values this build writes.
 const VALUE_VERSION: u8 = 1;
 
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let out = vec![VALUE_VERSION];
-    // postcard serialising plain data into a Vec cannot fail; keep the error
-    // path typed anyway by falling back to an empty body that decode refuses.
-    match postcard::to_extend(value, out) {
-        Ok(v) => v,
-        Err(_) => vec![0],
-    }
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(value, vec![VALUE_VERSION]).map_err(|e| StoreError::Encode(e.to_string()))
 }
 
 pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {

@@ -78,7 +78,7 @@ impl SledStore {
 
 impl Store for SledStore {
     fn commit_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
-        self.nodes.insert(node.id.as_str().as_bytes(), codec::encode(node)).map_err(sled_err("write node"))?;
+        self.nodes.insert(node.id.as_str().as_bytes(), codec::encode(node)?).map_err(sled_err("write node"))?;
         self.db.flush().map_err(sled_err("flush node"))?;
         Ok(())
     }
@@ -104,7 +104,7 @@ impl Store for SledStore {
             let key = keys::telemetry_key(node, batch.seq);
             let swapped = self
                 .telemetry
-                .compare_and_swap(key, None as Option<&[u8]>, Some(codec::encode(batch)))
+                .compare_and_swap(key, None as Option<&[u8]>, Some(codec::encode(batch)?))
                 .map_err(sled_err("write telemetry"))?;
             outcome.push(if swapped.is_ok() { Committed::New } else { Committed::Duplicate });
         }
@@ -145,7 +145,7 @@ impl Store for SledStore {
             None => None,
         };
         let record = crate::audit::AuditRecord::chain(last.as_ref(), entry);
-        self.audit.insert(record.seq.to_be_bytes(), codec::encode(&record)).map_err(sled_err("write audit record"))?;
+        self.audit.insert(record.seq.to_be_bytes(), codec::encode(&record)?).map_err(sled_err("write audit record"))?;
         self.db.flush().map_err(sled_err("flush audit record"))?;
         Ok(record)
     }
@@ -245,7 +245,7 @@ impl Store for SledStore {
                         .merge(*aggregate),
                     None => *aggregate,
                 };
-                minutes.insert(key.as_slice(), codec::encode(&merged))?;
+                minutes.insert(key.as_slice(), codec::encode(&merged).map_err(ConflictableTransactionError::Abort)?)?;
             }
             let wkey = node.as_str().as_bytes();
             let current =
@@ -323,7 +323,7 @@ impl SledStore {
         let key = keys::rollup_series_key(node, id);
         let swapped = self
             .rollup_series
-            .compare_and_swap(&key, None as Option<&[u8]>, Some(codec::encode(series)))
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(codec::encode(series)?))
             .map_err(sled_err("register rollup series"))?;
         let Err(existing) = swapped else { return Ok(Some(id)) };
         let Some(current) = existing.current else { return Ok(Some(id)) };

@@ -33,7 +33,9 @@ use tonic::Streaming;
 /// Hang guards, not speed claims.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_PHASE_TIMEOUT: Duration = Duration::from_secs(300);
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// One agent's connect, TLS handshake, hello and welcome; a controller out of file
+/// descriptors leaves connections unaccepted in its backlog, so this must be bounded.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Least time given to the acks in flight when the window closes.
@@ -342,7 +344,9 @@ async fn agent(index: usize, node: SimNode, ctl: AgentCtl) -> AgentReport {
     let mut report = AgentReport::default();
     let opened = match ctl.gate.acquire().await {
         Ok(_permit) => tokio::select! {
-            r = open(index, &node, &ctl.plan) => r,
+            r = timeout(CONNECT_TIMEOUT, open(index, &node, &ctl.plan)) => {
+                r.map_err(|_| anyhow!("not welcomed within {}s", CONNECT_TIMEOUT.as_secs())).and_then(|r| r)
+            }
             () = ctl.close.cancelled() => Err(anyhow!("closed while connecting")),
         },
         Err(e) => Err(e.into()),
@@ -374,11 +378,9 @@ async fn open(index: usize, node: &SimNode, plan: &Plan) -> Result<(Outbox, Stre
     };
     send(&tx, Up::Hello(hello)).await?;
     let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
-    match timeout(WELCOME_TIMEOUT, inbound.message()).await {
-        Err(_) => bail!("no welcome within {}s", WELCOME_TIMEOUT.as_secs()),
-        Ok(Ok(Some(pb::ControllerMessage { body: Some(Down::Welcome(_)) }))) => Ok((tx, inbound)),
-        Ok(Ok(_)) => bail!("the first message was not a welcome"),
-        Ok(Err(status)) => Err(status.into()),
+    match inbound.message().await? {
+        Some(pb::ControllerMessage { body: Some(Down::Welcome(_)) }) => Ok((tx, inbound)),
+        _ => bail!("the first message was not a welcome"),
     }
 }
 
