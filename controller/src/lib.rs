@@ -55,8 +55,8 @@ pub enum ControllerError {
     Serve(#[from] tonic::transport::Error),
     #[error("command signing key: {0}")]
     CommandKey(String),
-    #[error("server reflection: {0}")]
-    Reflection(String),
+    #[error("start-up: {0}")]
+    Startup(String),
 }
 
 /// A controller whose port is bound and store opened, ready to serve.

@@ -23,63 +23,65 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    /// Creates and registers every metric. Names are constants, so registration
-    /// cannot collide; a failure would be a programming error caught by the tests.
-    pub fn new() -> Self {
+    /// Creates and registers every metric (names are constants: a failure here is
+    /// a programming error, reported at start-up rather than as a panic).
+    pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            registry.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            g
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
         };
         let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            registry.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            c
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            registry.register(Box::new(h.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            h
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok::<_, prometheus::Error>(h)
         };
-        Self {
-            agents_connected: gauge("flotilla_controller_agents_connected", "Agents with a live stream."),
+        Ok(Self {
+            agents_connected: gauge("flotilla_controller_agents_connected", "Agents with a live stream.")?,
             batches_committed: counter(
                 "flotilla_controller_batches_committed_total",
                 "Telemetry batches written durably and acknowledged.",
-            ),
+            )?,
             batches_duplicate: counter(
                 "flotilla_controller_batches_duplicate_total",
                 "Resent telemetry batches that were already stored (acknowledged again).",
-            ),
+            )?,
             commit_failures: counter(
                 "flotilla_controller_commit_failures_total",
                 "Group commits that failed; their batches were not acknowledged.",
-            ),
+            )?,
             flush_seconds: histogram(
                 "flotilla_controller_commit_flush_seconds",
                 "Time to write and flush one group commit.",
                 vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
-            ),
+            )?,
             commit_group_batches: histogram(
                 "flotilla_controller_commit_group_batches",
                 "Batches per group commit.",
                 vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0],
-            ),
-            store_size_bytes: gauge("flotilla_controller_store_size_bytes", "Size of the sled store on disk."),
+            )?,
+            store_size_bytes: gauge("flotilla_controller_store_size_bytes", "Size of the sled store on disk.")?,
             handshakes_refused: counter(
                 "flotilla_controller_tls_handshakes_refused_total",
                 "TLS handshakes refused (foreign CA, no certificate, not TLS, timeout).",
-            ),
+            )?,
             registry,
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_metric_registers() {
+        let m = super::Metrics::new().unwrap();
+        assert!(m.registry.gather().len() >= 8);
     }
 }

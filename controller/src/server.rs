@@ -23,12 +23,12 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
     let work = shutdown.child_token();
     let commit = CancellationToken::new();
     let registry = Registry::default();
-    let metrics = crate::metrics::Metrics::new();
+    let metrics = crate::metrics::Metrics::new().map_err(|e| ControllerError::Startup(format!("self-metrics: {e}")))?;
     let view = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || crate::fleetview::FleetView::load(store.as_ref()))
             .await
-            .map_err(|e| ControllerError::Reflection(format!("loading the fleet view: {e}")))??
+            .map_err(|e| ControllerError::Startup(format!("loading the fleet view: {e}")))??
     };
     let feed = crate::watch::TelemetryFeed::default();
     let committer = ingest::spawn(
@@ -81,9 +81,11 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
             .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection = reflection_builder().build_v1().map_err(|e| ControllerError::Reflection(e.to_string()))?;
-    let reflection_alpha =
-        reflection_builder().build_v1alpha().map_err(|e| ControllerError::Reflection(e.to_string()))?;
+    let reflection =
+        reflection_builder().build_v1().map_err(|e| ControllerError::Startup(format!("server reflection: {e}")))?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| ControllerError::Startup(format!("server reflection: {e}")))?;
 
     let max = config.limits.max_message_bytes;
     let incoming = crate::listener::incoming(

@@ -144,13 +144,22 @@ async fn run(args: Args) -> Result<Report> {
         tokio::task::spawn_blocking(move || make_pki(&pki_dir, n)).await.context("certificate task")??;
     eprintln!("issued {n} agent certificates in {:.1}s", started.elapsed().as_secs_f64());
     let mut controller = Controller::start(&bin, tmp.path(), &controller_tls).await?;
-    let outcome = drive(&args, &controller, nodes).await;
+    // On SIGINT or SIGTERM, still stop the controller and remove the temp dir (the
+    // store alone can reach gigabytes).
+    let interrupted = flotilla_common::shutdown::on_signal();
+    let outcome = tokio::select! {
+        r = drive(&args, &controller, nodes) => r,
+        () = interrupted.cancelled() => Err(anyhow!("interrupted")),
+    };
     let peak_rss = controller.peak_rss_bytes();
     controller.stop().await;
     match (outcome, peak_rss) {
-        (Ok(mut report), Ok(rss)) => {
+        (Ok((mut report, stored)), Ok(rss)) => {
             report.controller_peak_rss_bytes = rss;
             controller.report_problems();
+            let disk = disk_bytes(&tmp.path().join("controller"));
+            let per_batch = disk / stored.max(1) as u64;
+            eprintln!("controller store: {disk} bytes on disk for {stored} batches acked ({per_batch} bytes each)");
             Ok(report)
         }
         (Err(e), _) | (_, Err(e)) => {
@@ -182,7 +191,8 @@ fn make_pki(dir: &Path, agents: usize) -> Result<(TlsFiles, Vec<SimNode>)> {
 }
 
 /// Connects the fleet, measures one window and collects every agent's report.
-async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>) -> Result<Report> {
+/// Also returns how many batches were acknowledged over the whole run.
+async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>) -> Result<(Report, usize)> {
     let fleet = Fleet::launch(args, format!("https://{}", controller.addr), nodes).await;
     let start = Instant::now() + args.warmup;
     sleep_until(start).await;
@@ -210,7 +220,8 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>) -> Res
     for (message, count) in &errors {
         eprintln!("error x{count}: {message}");
     }
-    Ok(Report {
+    let stored = reports.iter().map(|r| r.acks.len()).sum();
+    let report = Report {
         agents: args.agents,
         gpus_per_agent: args.gpus_per_agent,
         interval_ms: u64::try_from(args.interval.as_millis())?,
@@ -223,7 +234,8 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>) -> Res
         controller_cpu_seconds: round3(cpu1 - cpu0),
         controller_peak_rss_bytes: 0,
         errors: errors.values().sum(),
-    })
+    };
+    Ok((report, stored))
 }
 
 /// The running simulated agents.
@@ -626,6 +638,18 @@ impl Controller {
             eprintln!("  {line}");
         }
     }
+}
+
+/// Bytes of the files under `dir`, recursively.
+fn disk_bytes(dir: &Path) -> u64 {
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    entries
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// User plus system CPU time of a process (`self` or a pid), in seconds.
