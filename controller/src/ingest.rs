@@ -17,11 +17,16 @@ use crate::watch::TelemetryFeed;
 /// Where the committer sends the seqs it has made durable for one stream.
 pub type AckSink = mpsc::Sender<Vec<u64>>;
 
+/// A stream's session id and where its acks go.
+type StreamSink = (u64, AckSink);
+
 /// One batch waiting to be made durable.
 #[derive(Debug)]
 pub struct Job {
     pub node: NodeId,
     pub batch: TelemetryBatch,
+    /// The stream's session id: acks are grouped per stream by it.
+    pub stream: u64,
     pub acks: AckSink,
 }
 
@@ -85,8 +90,8 @@ async fn run(shared: Shared, mut rx: mpsc::Receiver<Job>, max_group: usize, canc
 }
 
 async fn commit(shared: &Shared, jobs: Vec<Job>) {
-    let (keys, sinks): (Vec<(NodeId, TelemetryBatch)>, Vec<AckSink>) =
-        jobs.into_iter().map(|j| ((j.node, j.batch), j.acks)).unzip();
+    let (keys, sinks): (Vec<(NodeId, TelemetryBatch)>, Vec<StreamSink>) =
+        jobs.into_iter().map(|j| ((j.node, j.batch), (j.stream, j.acks))).unzip();
     let store = Arc::clone(&shared.store);
     let count = keys.len();
     let started = std::time::Instant::now();
@@ -123,15 +128,13 @@ async fn commit(shared: &Shared, jobs: Vec<Job>) {
     if duplicates > 0 {
         tracing::debug!(duplicates, "resent batches already stored; acknowledging again");
     }
-    // Group the seqs per stream so each stream gets one Ack per commit.
-    let mut grouped: Vec<(AckSink, Vec<u64>)> = Vec::new();
-    for ((_, batch), sink) in keys.iter().zip(sinks) {
-        match grouped.iter_mut().find(|(s, _)| s.same_channel(&sink)) {
-            Some((_, seqs)) => seqs.push(batch.seq),
-            None => grouped.push((sink, vec![batch.seq])),
-        }
+    // Group the seqs per stream (by session id: linear in the batches, however
+    // many streams share the commit) so each stream gets one Ack per commit.
+    let mut grouped: std::collections::HashMap<u64, (AckSink, Vec<u64>)> = std::collections::HashMap::new();
+    for ((_, batch), (stream, sink)) in keys.iter().zip(sinks) {
+        grouped.entry(stream).or_insert_with(|| (sink, Vec::new())).1.push(batch.seq);
     }
-    for (sink, seqs) in grouped {
+    for (sink, seqs) in grouped.into_values() {
         // A full or closed sink means the stream is gone or not reading; the agent
         // resends unacknowledged batches, and the store de-duplicates them.
         if sink.try_send(seqs).is_err() {

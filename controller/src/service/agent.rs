@@ -278,7 +278,7 @@ impl StreamSession {
             )));
         }
         self.last_seq = batch.seq;
-        let job = Job { node: self.node.clone(), batch, acks: acks.clone() };
+        let job = Job { node: self.node.clone(), batch, stream: self.session.id, acks: acks.clone() };
         self.ctx.committer.submit(job).await.map_err(|_| Status::unavailable("controller shutting down"))
     }
 
