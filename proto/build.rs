@@ -4,7 +4,12 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/flotilla/v1/telemetry.proto", "proto/flotilla/v1/agent.proto", "proto/flotilla/v1/fleet.proto"];
+    let files = [
+        "proto/flotilla/v1/telemetry.proto",
+        "proto/flotilla/v1/agent.proto",
+        "proto/flotilla/v1/alerts.proto",
+        "proto/flotilla/v1/fleet.proto",
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -27,6 +27,7 @@ pub struct Config {
     pub agents: AgentPolicy,
     pub telemetry: TelemetryPolicy,
     pub limits: Limits,
+    pub alerting: crate::alert::engine::AlertingConfig,
 }
 
 /// How agents are judged alive.
@@ -87,6 +88,7 @@ impl Default for Config {
             agents: AgentPolicy::default(),
             telemetry: TelemetryPolicy::default(),
             limits: Limits::default(),
+            alerting: crate::alert::engine::AlertingConfig::default(),
         }
     }
 }
@@ -133,6 +135,7 @@ pub struct Overrides {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    pub rules: Option<PathBuf>,
 }
 
 impl Config {
@@ -142,7 +145,8 @@ impl Config {
             Some(path) => load_toml(path)?,
             None => Config::default(),
         };
-        let Overrides { listen, metrics_listen, data_dir, ca, cert, key, log_format } = overrides;
+        let Overrides { listen, metrics_listen, data_dir, ca, cert, key, log_format, rules } = overrides;
+        config.alerting.rules = rules.or(config.alerting.rules);
         config.metrics_listen = metrics_listen.or(config.metrics_listen);
         config.listen = listen.unwrap_or(config.listen);
         config.data_dir = data_dir.unwrap_or(config.data_dir);
@@ -178,6 +182,9 @@ impl Config {
         }
         if self.limits.max_concurrent_handshakes == 0 {
             return bad("limits.max_concurrent_handshakes must be at least 1");
+        }
+        if let Err(message) = self.alerting.validate() {
+            return bad(&message);
         }
         Ok(())
     }

@@ -62,6 +62,16 @@ impl FleetView {
         newer
     }
 
+    /// A copy of one node's inventory.
+    pub fn inventory(&self, node: &NodeId) -> Option<Inventory> {
+        self.read().get(node).map(|n| n.inventory.clone())
+    }
+
+    /// Every known node id, ordered.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        self.read().keys().cloned().collect()
+    }
+
     /// A copy of every node's state, ordered by id.
     pub fn snapshot(&self) -> Vec<(NodeId, NodeLatest)> {
         self.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect()

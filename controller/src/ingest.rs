@@ -9,6 +9,7 @@ use flotilla_common::model::TelemetryBatch;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::engine::Engine;
 use crate::fleetview::FleetView;
 use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
@@ -45,17 +46,19 @@ impl Committer {
 
 /// Starts the committer loop. It ends when `cancel` fires, after committing and
 /// acknowledging everything already queued.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     store: Arc<dyn Store>,
     view: FleetView,
     feed: TelemetryFeed,
     metrics: Metrics,
+    alerts: Engine,
     policy: &crate::config::TelemetryPolicy,
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Committer {
     let (tx, rx) = mpsc::channel(policy.commit_queue);
-    tracker.spawn(run(Shared { store, view, feed, metrics }, rx, policy.max_commit_group, cancel));
+    tracker.spawn(run(Shared { store, view, feed, metrics, alerts }, rx, policy.max_commit_group, cancel));
     Committer { tx }
 }
 
@@ -65,6 +68,7 @@ struct Shared {
     view: FleetView,
     feed: TelemetryFeed,
     metrics: Metrics,
+    alerts: Engine,
 }
 
 async fn run(shared: Shared, mut rx: mpsc::Receiver<Job>, max_group: usize, cancel: CancellationToken) {
@@ -125,6 +129,9 @@ async fn commit(shared: &Shared, jobs: Vec<Job>) {
             shared.feed.publish(node, batch);
         }
     }
+    let new: Vec<(&NodeId, &TelemetryBatch)> =
+        keys.iter().zip(&outcome).filter(|(_, c)| **c == Committed::New).map(|((n, b), _)| (n, b)).collect();
+    shared.alerts.ingest(&new);
     if duplicates > 0 {
         tracing::debug!(duplicates, "resent batches already stored; acknowledging again");
     }

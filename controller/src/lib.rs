@@ -6,6 +6,7 @@
 //! `main.rs` is thin: it parses flags and calls [`run`]; tests and `flotctl demo`
 //! call [`Controller::bind`] to run it in-process.
 
+pub mod alert;
 pub mod audit;
 pub mod auth;
 pub mod commands;

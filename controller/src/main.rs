@@ -33,6 +33,9 @@ struct Args {
     /// Controller private key (PEM).
     #[arg(long, env = "FLOTILLA_KEY")]
     key: Option<PathBuf>,
+    /// Alert rule file (Prometheus rule-group YAML, e.g. deploy/rules/default.yml).
+    #[arg(long, env = "FLOTILLA_RULES")]
+    rules: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         cert: args.cert,
         key: args.key,
         log_format: args.log_format,
+        rules: args.rules,
     };
     flotilla_common::daemon::main(
         "flotilla-controller",

@@ -15,6 +15,13 @@ pub struct Metrics {
     pub commit_group_batches: Histogram,
     pub store_size_bytes: IntGauge,
     pub handshakes_refused: IntCounter,
+    pub alert_evaluations: IntCounter,
+    pub alert_evaluation_seconds: Histogram,
+    pub rule_evaluation_failures: IntCounter,
+    pub alerts_firing: IntGauge,
+    pub alerts_pending: IntGauge,
+    pub alert_window_series: IntGauge,
+    pub alert_window_samples: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -71,6 +78,29 @@ impl Metrics {
             handshakes_refused: counter(
                 "flotilla_controller_tls_handshakes_refused_total",
                 "TLS handshakes refused (foreign CA, no certificate, not TLS, timeout).",
+            )?,
+            alert_evaluations: counter(
+                "flotilla_controller_alert_evaluations_total",
+                "Passes of the alert engine over every rule.",
+            )?,
+            alert_evaluation_seconds: histogram(
+                "flotilla_controller_alert_evaluation_seconds",
+                "Time to evaluate every rule once.",
+                vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+            )?,
+            rule_evaluation_failures: counter(
+                "flotilla_controller_rule_evaluation_failures_total",
+                "Rule evaluations that failed (see flotctl rules ls for the error).",
+            )?,
+            alerts_firing: gauge("flotilla_controller_alerts_firing", "Alerts firing now.")?,
+            alerts_pending: gauge("flotilla_controller_alerts_pending", "Alerts pending (waiting out their for).")?,
+            alert_window_series: gauge(
+                "flotilla_controller_alert_window_series",
+                "Series kept in memory for rule evaluation.",
+            )?,
+            alert_window_samples: gauge(
+                "flotilla_controller_alert_window_samples",
+                "Samples kept in memory for rule evaluation.",
             )?,
             registry,
         })

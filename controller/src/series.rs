@@ -311,6 +311,54 @@ fn host_metrics(out: &mut Vec<Metric>, n: &Labels, h: &HostSample) {
     }
 }
 
+/// The label names a series of metric `name` carries, when Flotilla makes that
+/// metric itself (`None` for anything else, such as an agent's generic samples).
+/// The alert engine checks rule templates against it: a template that reads a
+/// label the series can never have is refused when the rules load.
+pub fn label_names(name: &str) -> Option<Vec<String>> {
+    let gpu = ["node", "gpu", "uuid", "model"];
+    let extra: &[&str] = match name {
+        "flotilla_gpu_clock_event_active" => &["reason"],
+        "flotilla_gpu_ecc_errors_total" => &["type", "scope"],
+        "flotilla_gpu_remapped_rows_total" => &["type"],
+        "flotilla_gpu_retired_pages_total" => &["cause"],
+        "flotilla_gpu_xid_errors_total" => &["xid"],
+        "flotilla_gpu_process_memory_used_bytes" => &["pid", "process"],
+        _ => &[],
+    };
+    let names: Vec<&str> = if name.starts_with("flotilla_gpu_") {
+        gpu.iter().chain(extra).copied().collect()
+    } else if name == "flotilla_node_filesystem_size_bytes" || name == "flotilla_node_filesystem_avail_bytes" {
+        vec!["node", "mountpoint", "device", "fstype"]
+    } else if name.starts_with("flotilla_node_network_") {
+        vec!["node", "interface"]
+    } else if name == "flotilla_node_state" {
+        vec!["node", "state"]
+    } else if name == "flotilla_node_info" {
+        vec!["node", "hostname", "os", "agent_version", "gpu_source", "driver_version"]
+    } else if name == "flotilla_agent_up"
+        || (name.starts_with("flotilla_node_")
+            && !name.starts_with("flotilla_node_disk_")
+            && !name.starts_with("flotilla_node_model_dir_"))
+    {
+        vec!["node"]
+    } else if matches!(name, "flotilla_inference_up" | "flotilla_inference_ready" | "flotilla_inference_live") {
+        vec!["node", "endpoint"]
+    } else if name == "flotilla_inference_expected_series_missing" {
+        vec!["node", "endpoint", "engine", "series"]
+    } else if let Some(rest) = name.strip_prefix("flotilla_inference_") {
+        // Mapped engine series: `model` only where the engine names it.
+        let mut v = vec!["node", "endpoint", "engine", "model"];
+        if rest.ends_with("_bucket") {
+            v.push("le");
+        }
+        v
+    } else {
+        return None;
+    };
+    Some(names.into_iter().map(str::to_owned).collect())
+}
+
 /// The parts of one generic histogram before they are checked.
 #[derive(Debug, Default)]
 struct HistogramParts {

@@ -31,11 +31,26 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
             .map_err(|e| ControllerError::Startup(format!("loading the fleet view: {e}")))??
     };
     let feed = crate::watch::TelemetryFeed::default();
+    let alerts = crate::alert::engine::Engine::start(
+        config.alerting.clone(),
+        crate::alert::engine::Deps {
+            store: store.clone(),
+            registry: registry.clone(),
+            view: view.clone(),
+            missed_heartbeats: config.agents.missed_heartbeats,
+            metrics: metrics.clone(),
+        },
+        work.clone(),
+        &tracker,
+    )
+    .await
+    .map_err(|e| ControllerError::Startup(format!("alerting: {e}")))?;
     let committer = ingest::spawn(
         store.clone(),
         view.clone(),
         feed.clone(),
         metrics.clone(),
+        alerts.clone(),
         &config.telemetry,
         commit.clone(),
         &tracker,
@@ -62,6 +77,7 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
         config: config.clone(),
         shutdown: work.clone(),
         tracker: tracker.clone(),
+        alerts,
     };
 
     tracker.spawn(liveness::run(

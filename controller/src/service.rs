@@ -16,6 +16,7 @@ pub struct Context {
     pub config: std::sync::Arc<crate::config::Config>,
     pub shutdown: tokio_util::sync::CancellationToken,
     pub tracker: tokio_util::task::TaskTracker,
+    pub alerts: crate::alert::engine::Engine,
 }
 
 impl std::fmt::Debug for Context {

@@ -12,6 +12,7 @@ use flotilla_common::NodeId;
 use flotilla_common::model::{Inventory, TelemetryBatch};
 use serde::{Deserialize, Serialize};
 
+use crate::alert::state::{AlertEvent, AlertRecord, Silence};
 use crate::rollup::{Aggregate, MinuteRollup, SeriesKey};
 
 pub use sled_store::SledStore;
@@ -114,4 +115,31 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes rollup minutes that end before the minute of `cutoff_unix_ms`, and
     /// series left without any; returns how many minutes.
     fn prune_rollups(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError>;
+    /// Writes alert changes in one transaction (records upserted and removed,
+    /// history appended), then flushes.
+    fn commit_alerts(&self, changes: &AlertChanges) -> Result<(), StoreError>;
+    /// Every kept alert record.
+    fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError>;
+    /// The newest `limit` alert events, oldest first.
+    fn alert_history(&self, limit: usize) -> Result<Vec<AlertEvent>, StoreError>;
+    /// Deletes alert events older than `cutoff_unix_ms`; returns how many.
+    fn prune_alert_history(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError>;
+    /// Saves a silence and flushes.
+    fn commit_silence(&self, silence: &Silence) -> Result<(), StoreError>;
+    /// Every silence, expired ones included.
+    fn silences(&self) -> Result<Vec<Silence>, StoreError>;
+}
+
+/// One atomic change to the alert trees.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AlertChanges {
+    pub upsert: Vec<AlertRecord>,
+    pub remove: Vec<String>,
+    pub events: Vec<AlertEvent>,
+}
+
+impl AlertChanges {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty() && self.events.is_empty()
+    }
 }

@@ -77,6 +77,82 @@ pub enum Command {
     /// The hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Alerts: list, acknowledge, silence.
+    #[command(subcommand)]
+    Alerts(AlertsCmd),
+    /// Alert rules: check a file, list the loaded rules, reload.
+    #[command(subcommand)]
+    Rules(RulesCmd),
+}
+
+/// Alert states to filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AlertStateArg {
+    Pending,
+    Firing,
+    Resolved,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCmd {
+    /// Pending, firing and recently resolved alerts, newest change first.
+    Ls {
+        /// Only alerts in this state.
+        #[arg(long)]
+        state: Option<AlertStateArg>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Acknowledge an alert: a critical alert stops re-notifying until it fires again.
+    Ack {
+        /// Alert id (from `flotctl alerts ls`).
+        id: String,
+        /// Why, for the others on call and the audit log.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Silence the alerts that match every --match for a while (they are tracked, not delivered).
+    Silence {
+        /// A label matcher such as 'node="gpu-3"' or 'alertname=~"GPU.*"' (repeatable).
+        #[arg(long = "match", value_name = "MATCHER", required = true)]
+        matchers: Vec<String>,
+        /// How long, e.g. 30m or 2h (at most 30d).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Why: required, so the next person on call knows.
+        #[arg(long)]
+        comment: String,
+    },
+    /// End a silence now.
+    Unsilence {
+        /// Silence id (from `flotctl alerts silences`).
+        id: String,
+    },
+    /// List silences.
+    Silences {
+        /// Also list expired silences.
+        #[arg(long)]
+        all: bool,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCmd {
+    /// Check a rule file locally (no controller needed): exit 0 when it would load,
+    /// 1 with every problem (file:line: rule: reason) when not.
+    Check {
+        /// The rule file (Prometheus rule-group YAML).
+        file: PathBuf,
+    },
+    /// The rules the controller runs, with the health of their last evaluation.
+    Ls {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Make the controller re-read its rule file; a bad file keeps the running rules.
+    Reload,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -251,6 +327,9 @@ pub struct DemoArgs {
     /// Serve the fleet-wide Prometheus /metrics (mTLS) on this address, e.g. 127.0.0.1:9443.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Alert rule file to load (e.g. deploy/rules/default.yml).
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
     /// Telemetry interval of the demo agents.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub interval: std::time::Duration,

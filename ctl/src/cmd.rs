@@ -1,5 +1,6 @@
 //! Command handlers, one file per command group.
 
+mod alerts;
 mod audit;
 mod context;
 mod exec;
@@ -30,6 +31,15 @@ pub async fn dispatch(cli: Cli, env: Env) -> anyhow::Result<()> {
         Command::Audit(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
             audit::run(cmd, &conn).await
+        }
+        Command::Alerts(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            alerts::run(cmd, &conn).await
+        }
+        Command::Rules(crate::cli::RulesCmd::Check { file }) => alerts::check(&file),
+        Command::Rules(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            alerts::rules(cmd, &conn).await
         }
         Command::Sim(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;

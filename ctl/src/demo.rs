@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cli::DemoArgs;
+
+/// The default alert rules (deploy/rules/default.yml), used when `--rules` is not given.
+const DEFAULT_RULES: &str = include_str!("../../deploy/rules/default.yml");
 use crate::context::{Context, CtlConfig};
 
 /// Runs the demo until Ctrl-C or SIGTERM.
@@ -30,8 +33,24 @@ pub async fn run(args: DemoArgs, ctl_config: &Path) -> anyhow::Result<()> {
         (1..=args.agents).map(|i| NodeId::new(format!("demo-{i:02}"))).collect::<Result<_, _>>()?;
     prepare_pki(&pki_dir, &nodes)?;
 
+    if let Some(rules) = &args.rules {
+        flotilla_controller::alert::rules::RuleSet::load(rules, std::time::Duration::from_secs(1))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let mut alerting = flotilla_controller::alert::engine::AlertingConfig {
+        rules: args.rules.clone(),
+        // The demo's agents start with it: there is nothing to wait for.
+        restart_grace: std::time::Duration::from_secs(2),
+        ..Default::default()
+    };
+    if alerting.rules.is_none() {
+        let path = dir.join("rules.yml");
+        std::fs::write(&path, DEFAULT_RULES).with_context(|| format!("write {}", path.display()))?;
+        alerting.rules = Some(path);
+    }
     let controller_config = flotilla_controller::Config {
         listen: args.listen,
+        alerting,
         data_dir: dir.join("controller"),
         tls: TlsFiles::from_pki_dir(&pki_dir, &pki::leaf_paths(&pki_dir, &Identity::Controller)),
         metrics_listen: args.metrics_listen,
@@ -82,6 +101,8 @@ pub async fn run(args: DemoArgs, ctl_config: &Path) -> anyhow::Result<()> {
     println!("  flotctl nodes show demo-01");
     println!("  flotctl nodes ls -o json");
     println!("  flotctl sim inject demo-01 overheat --gpu 0");
+    println!("  flotctl alerts ls");
+    println!("  flotctl rules ls");
     if let Some(m) = metrics_addr {
         println!(
             "Fleet metrics (mTLS, scrape with the admin certificate): https://127.0.0.1:{}/metrics, e.g.\n  curl --cacert {ca} --cert {cert} --key {key} https://127.0.0.1:{}/metrics",

@@ -153,6 +153,17 @@ impl Proc {
         }
     }
 
+    /// SIGSTOP: the process keeps its connections open but goes silent, as a
+    /// partitioned host does.
+    pub fn pause(&self) {
+        signal(self.child.id(), libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Proc::pause`].
+    pub fn resume(&self) {
+        signal(self.child.id(), libc::SIGCONT);
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -199,7 +210,19 @@ impl Controller {
         Self::start_with(dir, pki, true)
     }
 
+    /// Starts a controller with `config_toml` as its config file (e.g. an
+    /// `[alerting]` section), on a free loopback port with a store in `dir/controller`.
+    pub fn start_configured(dir: &Path, pki: &Pki, config_toml: &str) -> Self {
+        let path = dir.join("controller.toml");
+        fs::write(&path, config_toml).expect("write controller config");
+        Self::start_with_args(dir, pki, false, &["--config".to_owned(), path.display().to_string()])
+    }
+
     fn start_with(dir: &Path, pki: &Pki, metrics: bool) -> Self {
+        Self::start_with_args(dir, pki, metrics, &[])
+    }
+
+    fn start_with_args(dir: &Path, pki: &Pki, metrics: bool, extra: &[String]) -> Self {
         let data_dir = dir.join("controller");
         let c = pki.controller();
         let args: Vec<String> = vec![
@@ -216,6 +239,7 @@ impl Controller {
         if metrics {
             args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
         }
+        args.extend(extra.iter().cloned());
         let log = dir.join("controller.log");
         let proc = Self::spawn_with(&args, "127.0.0.1:0", &log);
         let line = eventually("the controller to listen", |last| {
@@ -675,6 +699,136 @@ impl Drop for ContainerCleanup {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
+        }
+    }
+}
+
+/// A webhook receiver for tests: accepts HTTP/1.1 POSTs on a loopback port from a
+/// thread, answers 200, and keeps every JSON body it got.
+#[derive(Debug, Clone)]
+pub struct WebhookSink {
+    pub url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl WebhookSink {
+    /// Starts listening on 127.0.0.1; `path` is the path of the URL it reports.
+    pub fn start(path: &str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind webhook sink");
+        let url = format!("http://{}{path}", listener.local_addr().expect("address"));
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = bodies.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let keep = keep.clone();
+                std::thread::spawn(move || serve_webhook(stream, &keep));
+            }
+        });
+        Self { url, bodies }
+    }
+
+    /// Every body received so far.
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// Serves the requests of one connection (keep-alive), recording JSON bodies.
+fn serve_webhook(stream: std::net::TcpStream, keep: &std::sync::Mutex<Vec<serde_json::Value>>) {
+    use std::io::BufRead;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = std::io::BufReader::new(stream);
+    loop {
+        let mut length = 0usize;
+        let mut first = true;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if first && line.trim().is_empty() {
+                continue;
+            }
+            first = false;
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.trim().eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice(&body) {
+            keep.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(v);
+        }
+        if writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+            return;
+        }
+    }
+}
+
+/// A real Alertmanager (Debian package `prometheus-alertmanager`, installed by
+/// `./x test`) on a loopback port, routing every alert to `webhook` with resolved
+/// notifications, grouping by alert. Killed when dropped.
+#[derive(Debug)]
+pub struct Alertmanager {
+    pub proc: Proc,
+    pub addr: String,
+}
+
+impl Alertmanager {
+    pub fn start(dir: &Path, webhook: &str) -> Self {
+        let binary = ["/usr/bin/prometheus-alertmanager", "/usr/bin/alertmanager"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("Alertmanager is missing: install the Debian package prometheus-alertmanager (./x test does)");
+        let config = dir.join("alertmanager.yml");
+        fs::write(
+            &config,
+            format!(
+                "route:\n  receiver: hook\n  group_by: [alertname, node]\n  group_wait: 0s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: {webhook}\n        send_resolved: true\n"
+            ),
+        )
+        .expect("write alertmanager config");
+        let storage = dir.join("alertmanager-data");
+        fs::create_dir_all(&storage).expect("alertmanager storage dir");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(binary);
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", storage.display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--cluster.listen-address=");
+        let proc = Proc::spawn_logged(cmd, &dir.join("alertmanager.log"));
+        let am = Self { proc, addr };
+        eventually("Alertmanager to be ready", |last| {
+            let r = http_get(&am.addr, "/-/ready");
+            *last = format!("{r:?}");
+            matches!(r, Ok((200, _))).then_some(())
+        });
+        am
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The alerts Alertmanager holds (`GET /api/v2/alerts`).
+    pub fn alerts(&self) -> Vec<serde_json::Value> {
+        match http_get(&self.addr, "/api/v2/alerts") {
+            Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+            _ => Vec::new(),
         }
     }
 }

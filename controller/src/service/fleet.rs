@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+mod alerts;
 mod ops;
 
 use super::{Context, blocking};
@@ -57,6 +58,58 @@ impl FleetApi {
 
 #[tonic::async_trait]
 impl Fleet for FleetApi {
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        alerts::list_alerts(&self.ctx, request).await
+    }
+
+    async fn ack_alert(&self, request: Request<pb::AckAlertRequest>) -> Result<Response<pb::AckAlertResponse>, Status> {
+        alerts::ack_alert(&self.ctx, request).await
+    }
+
+    async fn create_silence(
+        &self,
+        request: Request<pb::CreateSilenceRequest>,
+    ) -> Result<Response<pb::CreateSilenceResponse>, Status> {
+        alerts::create_silence(&self.ctx, request).await
+    }
+
+    async fn expire_silence(
+        &self,
+        request: Request<pb::ExpireSilenceRequest>,
+    ) -> Result<Response<pb::ExpireSilenceResponse>, Status> {
+        alerts::expire_silence(&self.ctx, request).await
+    }
+
+    async fn list_silences(
+        &self,
+        request: Request<pb::ListSilencesRequest>,
+    ) -> Result<Response<pb::ListSilencesResponse>, Status> {
+        alerts::list_silences(&self.ctx, request).await
+    }
+
+    async fn list_rules(
+        &self,
+        request: Request<pb::ListRulesRequest>,
+    ) -> Result<Response<pb::ListRulesResponse>, Status> {
+        alerts::list_rules(&self.ctx, request).await
+    }
+
+    async fn reload_rules(
+        &self,
+        request: Request<pb::ReloadRulesRequest>,
+    ) -> Result<Response<pb::ReloadRulesResponse>, Status> {
+        alerts::reload_rules(&self.ctx, request).await
+    }
+
+    async fn check_rules(
+        &self,
+        request: Request<pb::CheckRulesRequest>,
+    ) -> Result<Response<pb::CheckRulesResponse>, Status> {
+        alerts::check_rules(&self.ctx, request).await
+    }
     async fn exec_command(
         &self,
         request: Request<pb::ExecCommandRequest>,

@@ -21,6 +21,13 @@ pub const ROLLUP_WATERMARKS: &str = "rollup_watermarks";
 /// The hash-chained audit log: seq (u64 big-endian) → `AuditRecord`.
 pub const AUDIT: &str = "audit";
 
+/// Alert instances by id → `AlertRecord` (pending, firing, recently resolved).
+pub const ALERTS: &str = "alerts";
+/// Alert transitions: at_unix_ms (u64 BE) + sled id (u64 BE) → `AlertEvent`.
+pub const ALERT_HISTORY: &str = "alert_history";
+/// Silences by id → `Silence` (kept after they expire, for the record).
+pub const SILENCES: &str = "silences";
+
 /// Key in META holding the schema version (u32 big-endian).
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
 

@@ -6,7 +6,8 @@ use flotilla_common::NodeId;
 use flotilla_common::model::TelemetryBatch;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::{Committed, NodeRecord, SCHEMA_VERSION, Store, StoreError, codec, keys};
+use super::{AlertChanges, Committed, NodeRecord, SCHEMA_VERSION, Store, StoreError, codec, keys};
+use crate::alert::state::{AlertEvent, AlertRecord, Silence};
 use crate::rollup::{Aggregate, MinuteRollup, SeriesKey, minute_of};
 
 /// The embedded default store: one sled database in the controller's data dir.
@@ -18,6 +19,9 @@ pub struct SledStore {
     rollups: sled::Tree,
     rollup_watermarks: sled::Tree,
     audit: sled::Tree,
+    alerts: sled::Tree,
+    alert_history: sled::Tree,
+    silences: sled::Tree,
     /// Serialises audit appends: each record chains to the one before it.
     audit_lock: std::sync::Mutex<()>,
 }
@@ -61,12 +65,15 @@ impl SledStore {
                 .open_tree(keys::ROLLUP_WATERMARKS)
                 .map_err(sled_err("open rollup watermarks tree"))?,
             audit: db.open_tree(keys::AUDIT).map_err(sled_err("open audit tree"))?,
+            alerts: db.open_tree(keys::ALERTS).map_err(sled_err("open alerts tree"))?,
+            alert_history: db.open_tree(keys::ALERT_HISTORY).map_err(sled_err("open alert history tree"))?,
+            silences: db.open_tree(keys::SILENCES).map_err(sled_err("open silences tree"))?,
             audit_lock: std::sync::Mutex::new(()),
             db,
         };
         // Migrations run in order from the version found; version 0 is a new store.
-        // There are none yet: schema 1 is the first. The rollup trees were added
-        // within schema 1: they start empty, and an older build ignores them.
+        // There are none yet: schema 1 is the first. The rollup and alert trees were
+        // added within schema 1: they start empty, and an older build ignores them.
         if found < SCHEMA_VERSION {
             meta.insert(keys::SCHEMA_VERSION_KEY, &SCHEMA_VERSION.to_be_bytes())
                 .map_err(sled_err("write schema version"))?;
@@ -77,6 +84,96 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    fn commit_alerts(&self, changes: &AlertChanges) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut events = Vec::with_capacity(changes.events.len());
+        for e in &changes.events {
+            let id = self.db.generate_id().map_err(sled_err("number an alert event"))?;
+            let mut key = Vec::with_capacity(16);
+            key.extend_from_slice(&u64::try_from(e.at_unix_ms).unwrap_or(0).to_be_bytes());
+            key.extend_from_slice(&id.to_be_bytes());
+            events.push((key, codec::encode(e)?));
+        }
+        let upserts = changes
+            .upsert
+            .iter()
+            .map(|r| Ok((r.id.clone(), codec::encode(r)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let result = (&self.alerts, &self.alert_history).transaction(|(alerts, history)| {
+            for (id, value) in &upserts {
+                alerts.insert(id.as_bytes(), value.as_slice())?;
+            }
+            for id in &changes.remove {
+                alerts.remove(id.as_bytes())?;
+            }
+            for (key, value) in &events {
+                history.insert(key.as_slice(), value.as_slice())?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Abort(error)) => return Err(error),
+            Err(TransactionError::Storage(source)) => return Err(StoreError::Sled { op: "write alerts", source }),
+        }
+        self.db.flush().map_err(sled_err("flush alerts"))?;
+        Ok(())
+    }
+
+    fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError> {
+        self.alerts
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan alerts"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn alert_history(&self, limit: usize) -> Result<Vec<AlertEvent>, StoreError> {
+        let mut out = self
+            .alert_history
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan alert history"))?;
+                codec::decode(&k, &v)
+            })
+            .collect::<Result<Vec<AlertEvent>, StoreError>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn prune_alert_history(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError> {
+        let end = u64::try_from(cutoff_unix_ms).unwrap_or(0).to_be_bytes();
+        let mut removed = 0;
+        for item in self.alert_history.range(..end.as_slice()) {
+            let (k, _) = item.map_err(sled_err("scan alert history for pruning"))?;
+            self.alert_history.remove(k).map_err(sled_err("prune alert history"))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    fn commit_silence(&self, silence: &Silence) -> Result<(), StoreError> {
+        self.silences.insert(silence.id.as_bytes(), codec::encode(silence)?).map_err(sled_err("write silence"))?;
+        self.db.flush().map_err(sled_err("flush silence"))?;
+        Ok(())
+    }
+
+    fn silences(&self) -> Result<Vec<Silence>, StoreError> {
+        self.silences
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan silences"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
     fn commit_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         self.nodes.insert(node.id.as_str().as_bytes(), codec::encode(node)?).map_err(sled_err("write node"))?;
         self.db.flush().map_err(sled_err("flush node"))?;

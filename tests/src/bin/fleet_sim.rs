@@ -66,6 +66,14 @@ struct Args {
     /// Agents connecting (TLS handshake and hello) at once.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Alert rule file for the controller (e.g. deploy/rules/default.yml, or one
+    /// with GPUHighTemperature at `for: 0s` to measure alert latency).
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// Agents whose GPU 0 goes to 95 °C at a random moment of the window; the
+    /// report gives the time from that batch to GPUHighTemperature firing.
+    #[arg(long, default_value_t = 0)]
+    hot_agents: usize,
 }
 
 impl Args {
@@ -79,6 +87,12 @@ impl Args {
         }
         if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.interval) {
             bail!("--interval must lie within the controller's 100ms..=60s heartbeat bounds");
+        }
+        if self.hot_agents > self.agents {
+            bail!("--hot-agents is above --agents");
+        }
+        if self.hot_agents > 0 && self.rules.is_none() {
+            bail!("--hot-agents needs --rules with a GPUHighTemperature rule");
         }
         Ok(())
     }
@@ -99,6 +113,16 @@ struct Report {
     controller_cpu_seconds: f64,
     controller_peak_rss_bytes: u64,
     errors: usize,
+    /// With --hot-agents: how many of them saw GPUHighTemperature fire, and the
+    /// time from the hot batch's creation to the alert's firing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alerts_fired: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alert_latency_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alert_latency_p99_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alert_latency_max_ms: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -143,12 +167,13 @@ async fn run(args: Args) -> Result<Report> {
     let (controller_tls, nodes) =
         tokio::task::spawn_blocking(move || make_pki(&pki_dir, n)).await.context("certificate task")??;
     eprintln!("issued {n} agent certificates in {:.1}s", started.elapsed().as_secs_f64());
-    let mut controller = Controller::start(&bin, tmp.path(), &controller_tls).await?;
+    let mut controller = Controller::start(&bin, tmp.path(), &controller_tls, args.rules.as_deref()).await?;
     // On SIGINT or SIGTERM, still stop the controller and remove the temp dir (the
     // store alone can reach gigabytes).
     let interrupted = flotilla_common::shutdown::on_signal();
+    let pki_dir = tmp.path().join("pki");
     let outcome = tokio::select! {
-        r = drive(&args, &controller, nodes) => r,
+        r = drive(&args, &controller, nodes, &pki_dir) => r,
         () = interrupted.cancelled() => Err(anyhow!("interrupted")),
     };
     let peak_rss = controller.peak_rss_bytes();
@@ -192,9 +217,16 @@ fn make_pki(dir: &Path, agents: usize) -> Result<(TlsFiles, Vec<SimNode>)> {
 
 /// Connects the fleet, measures one window and collects every agent's report.
 /// Also returns how many batches were acknowledged over the whole run.
-async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>) -> Result<(Report, usize)> {
+async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_dir: &Path) -> Result<(Report, usize)> {
     let fleet = Fleet::launch(args, format!("https://{}", controller.addr), nodes).await;
     let start = Instant::now() + args.warmup;
+    {
+        // Hot agents cross the threshold at random moments of the window's first 80 %.
+        let mut hot = fleet.hot_at.lock().map_err(|_| anyhow!("hot plan lock"))?;
+        for slot in hot.iter_mut().take(args.hot_agents) {
+            *slot = Some(start + args.duration.mul_f64(rand::random::<f64>() * 0.8));
+        }
+    }
     sleep_until(start).await;
     let (cpu0, sim0) = (controller.cpu_seconds()?, cpu_seconds("self")?);
     sleep_until(start + args.duration).await;
@@ -221,6 +253,10 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>) -> Res
         eprintln!("error x{count}: {message}");
     }
     let stored = reports.iter().map(|r| r.acks.len()).sum();
+    let crossings: HashMap<String, i64> =
+        reports.iter().filter_map(|r| Some((r.node.clone(), r.crossed_unix_ms?))).collect();
+    let alert_latencies =
+        if args.hot_agents > 0 { alert_latencies(controller, pki_dir, &crossings).await? } else { Vec::new() };
     let report = Report {
         agents: args.agents,
         gpus_per_agent: args.gpus_per_agent,
@@ -234,12 +270,50 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>) -> Res
         controller_cpu_seconds: round3(cpu1 - cpu0),
         controller_peak_rss_bytes: 0,
         errors: errors.values().sum(),
+        alerts_fired: (args.hot_agents > 0).then_some(alert_latencies.len()),
+        alert_latency_p50_ms: percentile_ms(&alert_latencies, 0.50),
+        alert_latency_p99_ms: percentile_ms(&alert_latencies, 0.99),
+        alert_latency_max_ms: alert_latencies.last().map(|d| round3(d.as_secs_f64() * 1000.0)),
     };
+    if args.hot_agents > 0 && alert_latencies.len() < crossings.len() {
+        eprintln!("{} of {} hot agents saw no alert fire", crossings.len() - alert_latencies.len(), crossings.len());
+    }
     Ok((report, stored))
+}
+
+/// For each hot node, the time from its crossing batch to its alert firing,
+/// sorted; read through the public Fleet API as an operator would.
+async fn alert_latencies(
+    controller: &Controller,
+    pki_dir: &Path,
+    crossings: &HashMap<String, i64>,
+) -> Result<Vec<Duration>> {
+    use flotilla_proto::pb::fleet_client::FleetClient;
+    let admin =
+        pki::leaf_paths(pki_dir, &Identity::Operator { name: "admin".into(), role: flotilla_common::Role::Admin });
+    let tls = TlsFiles::from_pki_dir(pki_dir, &admin);
+    let url = format!("https://{}", controller.addr);
+    let channel = client::endpoint(&url, &tls)?.connect().await.map_err(|e| anyhow!(client::describe(&e)))?;
+    let mut fleet = FleetClient::new(channel);
+    // Give the last crossings a moment to be evaluated.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let alerts = fleet.list_alerts(pb::ListAlertsRequest { state: 0 }).await?.into_inner().alerts;
+    let mut out: Vec<Duration> = alerts
+        .iter()
+        .filter(|a| a.name == "GPUHighTemperature" && a.firing_since_unix_ms > 0)
+        .filter_map(|a| {
+            let crossed = crossings.get(a.labels.get("node")?)?;
+            Some(Duration::from_millis(u64::try_from(a.firing_since_unix_ms - crossed).unwrap_or(0)))
+        })
+        .collect();
+    out.sort_unstable();
+    Ok(out)
 }
 
 /// The running simulated agents.
 struct Fleet {
+    /// When each agent (by index) makes its GPU 0 hot; `None`: never.
+    hot_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
     tasks: JoinSet<AgentReport>,
     stop: CancellationToken,
     close: CancellationToken,
@@ -258,12 +332,14 @@ impl Fleet {
         let gate = Arc::new(Semaphore::new(args.connect_concurrency));
         let (stop, close) = (CancellationToken::new(), CancellationToken::new());
         let (connected_tx, mut connected_rx) = mpsc::channel(args.agents);
+        let hot_at = Arc::new(std::sync::Mutex::new(vec![None; args.agents]));
         let mut tasks = JoinSet::new();
         for (index, node) in nodes.into_iter().enumerate() {
             let ctl = AgentCtl {
                 plan: Arc::clone(&plan),
                 gate: Arc::clone(&gate),
                 connected: connected_tx.clone(),
+                hot_at: Arc::clone(&hot_at),
                 stop: stop.clone(),
                 close: close.clone(),
             };
@@ -280,7 +356,7 @@ impl Fleet {
         }
         let secs = plan.epoch.elapsed().as_secs_f64();
         eprintln!("{up} of {} agents connected in {secs:.1}s", args.agents);
-        Self { tasks, stop, close }
+        Self { hot_at, tasks, stop, close }
     }
 
     /// Stops new batches, waits up to `drain` for the acks in flight, then closes
@@ -334,6 +410,7 @@ struct AgentCtl {
     plan: Arc<Plan>,
     gate: Arc<Semaphore>,
     connected: mpsc::Sender<bool>,
+    hot_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
     /// Stop making batches; wait for the acks of those in flight.
     stop: CancellationToken,
     /// Stop now.
@@ -350,10 +427,13 @@ struct AgentReport {
     /// Batches sent and not acknowledged, by seq.
     pending: BTreeMap<u64, Instant>,
     error: Option<String>,
+    node: String,
+    /// `created_unix_ms` of the first batch with GPU 0 hot.
+    crossed_unix_ms: Option<i64>,
 }
 
 async fn agent(index: usize, node: SimNode, ctl: AgentCtl) -> AgentReport {
-    let mut report = AgentReport::default();
+    let mut report = AgentReport { node: node.id.to_string(), ..AgentReport::default() };
     let opened = match ctl.gate.acquire().await {
         Ok(_permit) => tokio::select! {
             r = timeout(CONNECT_TIMEOUT, open(index, &node, &ctl.plan)) => {
@@ -422,7 +502,15 @@ async fn stream(
             _ = batches.tick(), if sending => {
                 seq += 1;
                 let made = Instant::now();
-                send(&tx, Up::Telemetry(telemetry(seq, index, &uuids))).await?;
+                let mut batch = telemetry(seq, index, &uuids);
+                let hot = ctl.hot_at.lock().ok().and_then(|h| h.get(index).copied().flatten());
+                if hot.is_some_and(|at| made >= at)
+                    && let Some(gpu) = batch.gpus.first_mut()
+                {
+                    gpu.temperature_celsius = Some(95.0);
+                    report.crossed_unix_ms.get_or_insert(batch.created_unix_ms);
+                }
+                send(&tx, Up::Telemetry(batch)).await?;
                 report.pending.insert(seq, made);
                 report.sent.push(made);
             }
@@ -561,7 +649,7 @@ struct Controller {
 
 impl Controller {
     /// Starts the controller on a free loopback port and waits until it accepts TCP.
-    async fn start(bin: &Path, dir: &Path, tls: &TlsFiles) -> Result<Self> {
+    async fn start(bin: &Path, dir: &Path, tls: &TlsFiles, rules: Option<&Path>) -> Result<Self> {
         // The controller cannot report a port it chose, so choose one; a race with
         // another process taking it in between is possible but harmless here.
         let addr =
@@ -571,6 +659,16 @@ impl Controller {
         let mut cmd = tokio::process::Command::new(bin);
         cmd.arg("--listen").arg(addr.to_string()).arg("--data-dir").arg(dir.join("controller"));
         cmd.arg("--ca").arg(&tls.ca).arg("--cert").arg(&tls.cert).arg("--key").arg(&tls.key);
+        if let Some(rules) = rules {
+            // Every agent connects before the window: no restart grace is needed.
+            let config = dir.join("controller.toml");
+            let rules = rules.canonicalize().with_context(|| format!("rules file {}", rules.display()))?;
+            std::fs::write(
+                &config,
+                format!("[alerting]\nrules = {:?}\nrestart_grace = \"0s\"\n", rules.display().to_string()),
+            )?;
+            cmd.arg("--config").arg(config);
+        }
         // Our environment must not reconfigure the controller under test.
         for var in ["FLOTILLA_CONTROLLER_CONFIG", "FLOTILLA_LOG_FORMAT", "RUST_LOG"] {
             cmd.env_remove(var);
