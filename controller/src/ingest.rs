@@ -129,9 +129,6 @@ async fn commit(shared: &Shared, jobs: Vec<Job>) {
             shared.feed.publish(node, batch);
         }
     }
-    let new: Vec<(&NodeId, &TelemetryBatch)> =
-        keys.iter().zip(&outcome).filter(|(_, c)| **c == Committed::New).map(|((n, b), _)| (n, b)).collect();
-    shared.alerts.ingest(&new);
     if duplicates > 0 {
         tracing::debug!(duplicates, "resent batches already stored; acknowledging again");
     }
@@ -147,5 +144,11 @@ async fn commit(shared: &Shared, jobs: Vec<Job>) {
         if sink.try_send(seqs).is_err() {
             tracing::debug!("ack dropped: stream closed or not reading");
         }
+    }
+    // The alert engine reads new batches after the acks are out, on its own task.
+    let new: Vec<(NodeId, TelemetryBatch)> =
+        keys.into_iter().zip(outcome).filter(|(_, c)| *c == Committed::New).map(|(k, _)| k).collect();
+    if !new.is_empty() {
+        shared.alerts.submit(new).await;
     }
 }

@@ -138,6 +138,9 @@ const EXPRESSIONS: &[&str] = &[
     "delta(gpu_temp_celsius[5m])",
     "idelta(gpu_temp_celsius[1m])",
     "rate(requests_total[5m]) * 60",
+    "rate(requests_total[5m] offset 5m)",
+    "delta(queue_depth[10m])",
+    "irate(queue_depth[3m])",
     // *_over_time.
     "avg_over_time(gpu_temp_celsius[5m])",
     "min_over_time(gpu_temp_celsius[3m])",
@@ -172,6 +175,9 @@ const EXPRESSIONS: &[&str] = &[
     "stddev by (node) (gpu_temp_celsius)",
     "stdvar by (node) (gpu_temp_celsius)",
     "sum without () (gpu_temp_celsius)",
+    r#"sum by (__name__) ({__name__=~"gpu_temp_celsius|queue_depth"})"#,
+    "count by (code) (requests_total)",
+    "last_over_time(gpu_temp_celsius[1m] offset 30s)",
     "quantile_over_time(1.5, gpu_temp_celsius[5m])",
     "histogram_quantile(-1, rate(latency_seconds_bucket[5m]))",
     // Arithmetic and functions of values.
@@ -179,6 +185,7 @@ const EXPRESSIONS: &[&str] = &[
     r#"-gpu_temp_celsius{node="n2"} ^ 2"#,
     "gpu_temp_celsius % 7",
     "100 - gpu_temp_celsius",
+    r#"{__name__=~"queue_depth|gpu_temp_celsius"} + 0"#,
     "gpu_temp_celsius / 0",
     "-gpu_temp_celsius / 0",
     "rate(requests_total[5m]) ^ 7",
@@ -196,6 +203,7 @@ const EXPRESSIONS: &[&str] = &[
     "gpu_temp_celsius > bool on (node, gpu) gpu_temp_celsius offset 1m",
     "gpu_temp_celsius != ignoring (gpu) group_left max by (node) (gpu_temp_celsius)",
     "requests_total and ignoring (code) queue_depth",
+    r#"vector(1) unless on () queue_depth{node="n1"}"#,
     "requests_total unless on (node) queue_depth > 6",
     "rate(requests_total[5m]) > 0.28",
     // Set operators and vector matching.
@@ -211,6 +219,7 @@ const EXPRESSIONS: &[&str] = &[
     "scalar(sum(queue_depth))",
     "vector(time())",
     "time() - 60",
+    "-(time() / 60)",
     "1 + 2 * 3",
     "2 ^ 3 ^ 2",
     "(1 > bool 2) + 1",

@@ -162,6 +162,8 @@ struct Book {
     alerts: HashMap<String, AlertRecord>,
     silences: Vec<(Silence, SilenceMatcher)>,
     health: HashMap<String, Health>,
+    /// When each group with an `interval` was last evaluated (Unix ms).
+    group_evaluated: HashMap<String, i64>,
 }
 
 struct Inner {
@@ -177,6 +179,8 @@ struct Inner {
     book: tokio::sync::Mutex<Book>,
     wake: Notify,
     started: Instant,
+    /// Committed batches on their way to [`Engine::ingest`].
+    intake: tokio::sync::mpsc::Sender<Vec<(NodeId, TelemetryBatch)>>,
 }
 
 /// The alert engine; cheap to clone.
@@ -205,6 +209,8 @@ pub struct Deps {
 const COMPONENT: &str = "component";
 /// Components whose alerts are inhibited while their node is down.
 const INHIBITED_WHEN_DOWN: [&str; 2] = ["gpu", "inference"];
+/// Commits the intake may queue before the committer waits for it.
+const INTAKE_DEPTH: usize = 1024;
 /// The series the engine writes itself, once per tick, for every known node.
 const AGENT_UP: &str = "flotilla_agent_up";
 
@@ -219,8 +225,8 @@ impl Engine {
     ) -> Result<Self, AlertError> {
         let rules = match &config.rules {
             Some(path) => {
-                let (path, tick) = (path.clone(), config.tick);
-                blocking(move || Ok(RuleSet::load(&path, tick)?)).await?
+                let path = path.clone();
+                blocking(move || Ok(RuleSet::load(&path)?)).await?
             }
             None => RuleSet::empty(),
         };
@@ -243,7 +249,9 @@ impl Engine {
                 Err(error) => tracing::warn!(silence = %s.id, %error, "stored silence no longer parses; ignored"),
             }
         }
+        let (intake, mut intake_rx) = tokio::sync::mpsc::channel(INTAKE_DEPTH);
         let inner = Arc::new(Inner {
+            intake,
             window: Mutex::new(Window::new(rules.reach())),
             rules: RwLock::new(Loaded { rules: Arc::new(rules), loaded_unix_ms: now_unix_ms() }),
             book: tokio::sync::Mutex::new(book),
@@ -269,7 +277,28 @@ impl Engine {
                 "alert rules loaded; evaluation starts after the restart grace"
             );
         }
-        tracker.spawn(engine.clone().run(cancel));
+        tracker.spawn(engine.clone().run(cancel.clone()));
+        {
+            let engine = engine.clone();
+            tracker.spawn(async move {
+                loop {
+                    let batches = tokio::select! {
+                        b = intake_rx.recv() => b,
+                        () = cancel.cancelled() => None,
+                    };
+                    let Some(batches) = batches else { break };
+                    let engine = engine.clone();
+                    let done = tokio::task::spawn_blocking(move || {
+                        let refs: Vec<(&NodeId, &TelemetryBatch)> = batches.iter().map(|(n, b)| (n, b)).collect();
+                        engine.ingest(&refs);
+                    })
+                    .await;
+                    if done.is_err() {
+                        tracing::error!("alert intake task failed");
+                    }
+                }
+            });
+        }
         Ok(engine)
     }
 
@@ -281,8 +310,18 @@ impl Engine {
         self.inner.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Feeds committed batches into the window and wakes the evaluator. Called by
-    /// the committer after the batches are durable.
+    /// Hands committed batches to the engine's intake task (after their acks are
+    /// out); waits while it is [`INTAKE_DEPTH`] commits behind.
+    pub async fn submit(&self, batches: Vec<(NodeId, TelemetryBatch)>) {
+        if self.rules().groups.is_empty() {
+            return;
+        }
+        if self.inner.intake.send(batches).await.is_err() {
+            tracing::debug!("alert intake closed (shutting down)");
+        }
+    }
+
+    /// Feeds committed batches into the window and wakes the evaluator.
     pub fn ingest(&self, batches: &[(&NodeId, &TelemetryBatch)]) {
         let rules = self.rules();
         if rules.groups.is_empty() {
@@ -294,8 +333,8 @@ impl Engine {
             for (node, batch) in batches {
                 let inventory = self.inner.view.inventory(node).unwrap_or_default();
                 for s in batch_samples(node, &inventory, batch) {
-                    if rules.rules().any(|r| r.expr.selects(&s.name, &s.labels))
-                        && window.push(&s.name, &s.labels, batch.created_unix_ms, s.value)
+                    if let Some(keep) = reach_for(&rules, &s.name, &s.labels)
+                        && window.push_kept(&s.name, &s.labels, batch.created_unix_ms, s.value, Some(keep))
                     {
                         kept += 1;
                     }
@@ -330,8 +369,8 @@ impl Engine {
                 let inventory = self.inner.view.inventory(&node).unwrap_or_default();
                 for batch in &batches {
                     for s in batch_samples(&node, &inventory, batch) {
-                        if rules.rules().any(|r| r.expr.selects(&s.name, &s.labels)) {
-                            window.push(&s.name, &s.labels, batch.created_unix_ms, s.value);
+                        if let Some(keep) = reach_for(&rules, &s.name, &s.labels) {
+                            window.push_kept(&s.name, &s.labels, batch.created_unix_ms, s.value, Some(keep));
                         }
                     }
                 }
@@ -391,11 +430,15 @@ impl Engine {
     /// lost its stream or its heartbeats.
     fn record_liveness(&self, now_ms: i64) {
         let now = Instant::now();
+        let rules = self.rules();
         let mut window = self.window();
         for node in self.inner.view.nodes() {
             let up = !self.node_down(&node, now);
             let labels = [("node".to_owned(), node.to_string())];
-            window.push(AGENT_UP, &labels, now_ms, if up { 1.0 } else { 0.0 });
+            let keep = reach_for(&rules, AGENT_UP, &labels);
+            if keep.is_some() {
+                window.push_kept(AGENT_UP, &labels, now_ms, if up { 1.0 } else { 0.0 }, keep);
+            }
         }
     }
 
@@ -404,18 +447,59 @@ impl Engine {
         matches!(node_state(session.as_ref(), None, now, self.inner.missed_heartbeats).0, NodeState::Down)
     }
 
-    /// One pass over every rule at `now_ms`.
+    /// One pass at `now_ms` over every rule that is due: those of groups without
+    /// an `interval`, and those whose group interval has passed.
     pub async fn evaluate(&self, now_ms: i64) {
         let started = std::time::Instant::now();
         let rules = self.rules();
-        self.record_liveness(now_ms);
-        let results: Vec<(&Rule, Result<Vec<super::promql::Sample>, String>)> = {
-            let mut window = self.window();
-            window.prune(now_ms);
-            self.inner.metrics.alert_window_series.set(i64::try_from(window.series_count()).unwrap_or(i64::MAX));
-            self.inner.metrics.alert_window_samples.set(i64::try_from(window.sample_count()).unwrap_or(i64::MAX));
-            rules.rules().map(|r| (r, r.expr.eval(&window, now_ms).map_err(|e| e.to_string()))).collect()
+        let due: HashSet<&str> = {
+            let mut book = self.inner.book.lock().await;
+            rules
+                .groups
+                .iter()
+                .filter(|g| match g.interval {
+                    None => true,
+                    Some(every) => {
+                        let every = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
+                        let last = book.group_evaluated.get(&g.name).copied();
+                        let due = last.is_none_or(|t| now_ms - t >= every || now_ms < t);
+                        if due {
+                            book.group_evaluated.insert(g.name.clone(), now_ms);
+                        }
+                        due
+                    }
+                })
+                .map(|g| g.name.as_str())
+                .collect()
         };
+        let due: Vec<usize> =
+            rules.rules().enumerate().filter(|(_, r)| due.contains(r.group.as_str())).map(|(i, _)| i).collect();
+        // Evaluation is CPU work that can take a while on a big fleet: off the
+        // async workers, so that streams and acks never wait for it.
+        let engine = self.clone();
+        let evaluated = {
+            let rules = rules.clone();
+            tokio::task::spawn_blocking(move || {
+                engine.record_liveness(now_ms);
+                let mut window = engine.window();
+                window.prune(now_ms);
+                let metrics = &engine.inner.metrics;
+                metrics.alert_window_series.set(i64::try_from(window.series_count()).unwrap_or(i64::MAX));
+                metrics.alert_window_samples.set(i64::try_from(window.sample_count()).unwrap_or(i64::MAX));
+                let all: Vec<&Rule> = rules.rules().collect();
+                due.into_iter()
+                    .filter_map(|i| all.get(i).map(|r| (i, r.expr.eval(&window, now_ms).map_err(|e| e.to_string()))))
+                    .collect::<Vec<_>>()
+            })
+            .await
+        };
+        let Ok(evaluated) = evaluated else {
+            tracing::error!("rule evaluation task failed");
+            return;
+        };
+        let all: Vec<&Rule> = rules.rules().collect();
+        let results: Vec<(&Rule, Result<Vec<super::promql::Sample>, String>)> =
+            evaluated.into_iter().filter_map(|(i, r)| all.get(i).map(|rule| (*rule, r))).collect();
         let mut book = self.inner.book.lock().await;
         let mut changes = AlertChanges::default();
         for (rule, result) in results {
@@ -685,8 +769,7 @@ impl Engine {
     /// Re-reads the rule file. A bad file changes nothing and the error says why.
     pub async fn reload(&self) -> Result<Arc<RuleSet>, AlertError> {
         let path = self.inner.config.rules.clone().ok_or(AlertError::NoRuleFile)?;
-        let tick = self.inner.config.tick;
-        let rules = Arc::new(blocking(move || Ok(RuleSet::load(&path, tick)?)).await?);
+        let rules = Arc::new(blocking(move || Ok(RuleSet::load(&path)?)).await?);
         {
             let mut loaded = self.inner.rules.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             *loaded = Loaded { rules: rules.clone(), loaded_unix_ms: now_unix_ms() };
@@ -699,9 +782,14 @@ impl Engine {
     }
 }
 
+/// How long the rules read series `name{labels}`; `None`: no rule reads it.
+fn reach_for(rules: &RuleSet, name: &str, labels: &[(String, String)]) -> Option<Duration> {
+    rules.rules().filter_map(|r| r.expr.reach_for(name, labels)).max()
+}
+
 /// Checks rule file content without loading it.
 pub fn check(file_name: &str, content: &str) -> Result<RuleSet, RulesError> {
-    RuleSet::parse(file_name, content, Duration::from_secs(1))
+    RuleSet::parse(file_name, content)
 }
 
 fn silenced_by(silences: &[(Silence, SilenceMatcher)], a: Option<&AlertRecord>, now_ms: i64) -> Vec<String> {
@@ -1138,6 +1226,13 @@ groups:
         let (_, _, views) = e.rule_views().await;
         for v in &views {
             assert!(v.last_error.is_none(), "{} failed: {:?}", v.name, v.last_error);
+        }
+        let rules = e.rules();
+        let window = e.window();
+        for r in rules.rules() {
+            let t = std::time::Instant::now();
+            let out = r.expr.eval(&window, now).unwrap();
+            println!("  {:<28} {:>8.2} ms  {} results", r.name, t.elapsed().as_secs_f64() * 1e3, out.len());
         }
     }
 }

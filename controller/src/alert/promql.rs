@@ -25,6 +25,9 @@ use super::window::{Labels, Window};
 pub struct Expr {
     text: String,
     root: Node,
+    /// Every selector with its range (0 for instant selectors), for
+    /// [`Expr::selects`] and [`Expr::reach`], which the engine calls often.
+    selectors: Vec<(compile::Selector, i64)>,
 }
 
 /// Why an expression is refused.
@@ -73,7 +76,11 @@ impl Expr {
     /// construct is supported; anything else is refused here (never at
     /// evaluation) with its column and what it is.
     pub fn parse(text: &str) -> Result<Expr, PromqlError> {
-        Ok(Expr { text: text.to_owned(), root: compile::compile(text)? })
+        let root = compile::compile(text)?;
+        let mut selectors = Vec::new();
+        root.selectors(&mut selectors);
+        let selectors = selectors.into_iter().map(|(s, range)| (s.clone(), range)).collect();
+        Ok(Expr { text: text.to_owned(), root, selectors })
     }
 
     /// The expression as written.
@@ -91,22 +98,30 @@ impl Expr {
     /// Whether series `name{labels}` can be read by any selector of this
     /// expression (labels in any order).
     pub fn selects(&self, name: &str, labels: &[(String, String)]) -> bool {
-        let mut selectors = Vec::new();
-        self.root.selectors(&mut selectors);
-        selectors.iter().any(|(s, _)| {
-            s.matches_name(name)
-                && s.label_matchers
-                    .iter()
-                    .all(|m| m.is_match(labels.iter().find(|(k, _)| *k == m.name).map_or("", |(_, v)| v.as_str())))
-        })
+        self.reach_for(name, labels).is_some()
+    }
+
+    /// How far back series `name{labels}` is read: range plus offset of the
+    /// selectors that match it (the longest), plus the 5-minute lookback; `None`
+    /// when no selector reads it. The window keeps each series this long.
+    pub fn reach_for(&self, name: &str, labels: &[(String, String)]) -> Option<Duration> {
+        self.selectors
+            .iter()
+            .filter(|(s, _)| {
+                s.matches_name(name)
+                    && s.label_matchers.iter().all(|m| {
+                        m.is_match(labels.iter().find(|(k, _)| *k == m.name).map_or("", |(_, v)| v.as_str()))
+                    })
+            })
+            .map(|(s, range)| range.saturating_add(s.offset_ms))
+            .max()
+            .map(|back| Duration::from_millis(u64::try_from(back.saturating_add(eval::LOOKBACK_MS)).unwrap_or(u64::MAX)))
     }
 
     /// How far before the evaluation time data must be kept: the longest range
     /// plus offset over the selectors, plus the 5-minute lookback.
     pub fn reach(&self) -> Duration {
-        let mut selectors = Vec::new();
-        self.root.selectors(&mut selectors);
-        let back = selectors.iter().map(|(s, range)| range.saturating_add(s.offset_ms)).max().unwrap_or(0);
+        let back = self.selectors.iter().map(|(s, range)| range.saturating_add(s.offset_ms)).max().unwrap_or(0);
         Duration::from_millis(u64::try_from(back.saturating_add(eval::LOOKBACK_MS)).unwrap_or(u64::MAX))
     }
 

@@ -62,9 +62,11 @@ pub struct RuleSet {
 #[derive(Debug, Clone)]
 pub struct Group {
     pub name: String,
-    /// The group's `interval`: evaluation happens on every ingest and at least
-    /// this often.
-    pub interval: Duration,
+    /// The group's `interval`: its rules are evaluated this often. Without one
+    /// they are evaluated on ingest (every telemetry commit, coalesced) and every
+    /// tick: the right choice for thresholds, while rules over long ranges
+    /// (`avg_over_time(x[30m])`) are cheaper at an interval.
+    pub interval: Option<Duration>,
     pub rules: Vec<Rule>,
 }
 
@@ -106,17 +108,17 @@ impl RuleSet {
     }
 
     /// Reads and checks the file at `path`.
-    pub fn load(path: &Path, default_interval: Duration) -> Result<Self, RulesError> {
+    pub fn load(path: &Path) -> Result<Self, RulesError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| RulesError {
             file: file.clone(),
             problems: vec![RuleProblem { line: None, rule: None, message: format!("cannot read: {e}") }],
         })?;
-        Self::parse(&file, &text, default_interval)
+        Self::parse(&file, &text)
     }
 
     /// Checks `text` as the content of rule file `file`.
-    pub fn parse(file: &str, text: &str, default_interval: Duration) -> Result<Self, RulesError> {
+    pub fn parse(file: &str, text: &str) -> Result<Self, RulesError> {
         let fail = |problems| RulesError { file: file.to_owned(), problems };
         let doc: FileDoc = serde_yaml_ng::from_str(text).map_err(|e| {
             let line = e.location().map(|l| l.line());
@@ -143,15 +145,15 @@ impl RuleSet {
                 bad(None, None, format!("group {}: `limit` is not supported (leave it out or set 0)", g.name));
             }
             let interval = match g.interval.as_deref().map(parse_duration) {
-                None => default_interval,
-                Some(Ok(d)) if d > Duration::ZERO => d,
+                None => None,
+                Some(Ok(d)) if d > Duration::ZERO => Some(d),
                 Some(Ok(_)) => {
                     bad(None, None, format!("group {}: interval must be above 0", g.name));
-                    default_interval
+                    None
                 }
                 Some(Err(e)) => {
                     bad(None, None, format!("group {}: interval: {e}", g.name));
-                    default_interval
+                    None
                 }
             };
             let mut rules = Vec::new();
@@ -391,12 +393,12 @@ groups:
 
     #[test]
     fn a_rule_file_loads() {
-        let set = RuleSet::parse("r.yml", ONE, Duration::from_secs(1)).unwrap();
+        let set = RuleSet::parse("r.yml", ONE).unwrap();
         let rule = set.rules().next().unwrap();
         assert_eq!(rule.key(), "gpu/GPUHighTemperature");
         assert_eq!(rule.for_, Duration::from_secs(300));
         assert_eq!(rule.line, Some(6));
-        assert_eq!(set.groups[0].interval, Duration::from_secs(15));
+        assert_eq!(set.groups[0].interval, Some(Duration::from_secs(15)));
     }
 
     #[test]
@@ -411,7 +413,7 @@ groups:
     }
 
     fn problems(text: &str) -> String {
-        RuleSet::parse("r.yml", text, Duration::from_secs(1)).unwrap_err().to_string()
+        RuleSet::parse("r.yml", text).unwrap_err().to_string()
     }
 
     #[test]
@@ -436,7 +438,7 @@ groups:
     #[test]
     fn the_default_rules_load() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rules/default.yml");
-        let set = RuleSet::load(&path, Duration::from_secs(1)).unwrap();
+        let set = RuleSet::load(&path).unwrap();
         let names: BTreeSet<&str> = set.rules().map(|r| r.name.as_str()).collect();
         for want in [
             "GPUHighTemperature",

@@ -56,6 +56,9 @@ pub(crate) struct Family {
 #[derive(Debug, Default)]
 pub(crate) struct Series {
     samples: VecDeque<(i64, f64)>,
+    /// How long this series is kept, when shorter than the window's retention
+    /// (only the rules that read it decide how far back they look).
+    keep_ms: Option<i64>,
 }
 
 impl Window {
@@ -79,6 +82,20 @@ impl Window {
     /// sorted, with `__name__` and empty values dropped). A sample not newer than
     /// the series' newest is ignored; returns whether it was kept.
     pub fn push(&mut self, name: &str, labels: &[(String, String)], t_ms: i64, value: f64) -> bool {
+        self.push_kept(name, labels, t_ms, value, None)
+    }
+
+    /// [`Window::push`], keeping this series for `keep` (at most the window's
+    /// retention; the longest `keep` given for a series wins).
+    pub fn push_kept(
+        &mut self,
+        name: &str,
+        labels: &[(String, String)],
+        t_ms: i64,
+        value: f64,
+        keep: Option<Duration>,
+    ) -> bool {
+        let keep_ms = keep.map(|k| i64::try_from(k.as_millis()).unwrap_or(i64::MAX));
         let normalized;
         let labels = if is_normal(labels) {
             labels
@@ -95,6 +112,10 @@ impl Window {
                 return false;
             }
             series.samples.push_back((t_ms, value));
+            series.keep_ms = match (series.keep_ms, keep_ms) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
             self.samples += 1;
             return true;
         }
@@ -106,7 +127,7 @@ impl Window {
                 set
             }
         };
-        family.series.insert(set, Series { samples: VecDeque::from([(t_ms, value)]) });
+        family.series.insert(set, Series { samples: VecDeque::from([(t_ms, value)]), keep_ms });
         self.series += 1;
         self.samples += 1;
         true
@@ -115,11 +136,11 @@ impl Window {
     /// Drops samples older than `now_ms - retention`, and series left empty.
     pub fn prune(&mut self, now_ms: i64) {
         let keep_ms = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
-        let cutoff = now_ms.saturating_sub(keep_ms);
         let (mut series_dropped, mut samples_dropped) = (0, 0);
         let mut released = false;
         self.families.retain(|_, family| {
             family.series.retain(|_, series| {
+                let cutoff = now_ms.saturating_sub(series.keep_ms.map_or(keep_ms, |k| k.min(keep_ms)));
                 let stale = series.samples.partition_point(|&(t, _)| t < cutoff);
                 series.samples.drain(..stale);
                 samples_dropped += stale;
@@ -217,6 +238,23 @@ mod tests {
 
     fn l(pairs: &[(&str, &str)]) -> Labels {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn each_series_is_kept_as_long_as_its_readers_need_within_the_retention() {
+        let mut w = Window::new(Duration::from_secs(600));
+        let a = l(&[("node", "a")]);
+        for t in 0..=600 {
+            w.push_kept("short", &a, t * 1000, 1.0, Some(Duration::from_secs(60)));
+            w.push_kept("long", &a, t * 1000, 1.0, Some(Duration::from_secs(3600)));
+            w.push("default", &a, t * 1000, 1.0);
+        }
+        w.prune(600_000);
+        let count = |name: &str| w.family(name).unwrap().1.series().next().unwrap().1.range(0, i64::MAX).count();
+        assert_eq!(count("short"), 61, "kept 60 s");
+        assert_eq!(count("long"), 601, "capped by the window's 600 s retention");
+        assert_eq!(count("default"), 601);
+        assert_eq!(w.sample_count(), 61 + 601 + 601);
     }
 
     #[test]
