@@ -34,8 +34,7 @@ pub async fn run(args: DemoArgs, ctl_config: &Path) -> anyhow::Result<()> {
     prepare_pki(&pki_dir, &nodes)?;
 
     if let Some(rules) = &args.rules {
-        flotilla_controller::alert::rules::RuleSet::load(rules)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        flotilla_controller::alert::rules::RuleSet::load(rules).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let mut alerting = flotilla_controller::alert::engine::AlertingConfig {
         rules: args.rules.clone(),

@@ -109,13 +109,15 @@ impl Expr {
             .iter()
             .filter(|(s, _)| {
                 s.matches_name(name)
-                    && s.label_matchers.iter().all(|m| {
-                        m.is_match(labels.iter().find(|(k, _)| *k == m.name).map_or("", |(_, v)| v.as_str()))
-                    })
+                    && s.label_matchers
+                        .iter()
+                        .all(|m| m.is_match(labels.iter().find(|(k, _)| *k == m.name).map_or("", |(_, v)| v.as_str())))
             })
             .map(|(s, range)| range.saturating_add(s.offset_ms))
             .max()
-            .map(|back| Duration::from_millis(u64::try_from(back.saturating_add(eval::LOOKBACK_MS)).unwrap_or(u64::MAX)))
+            .map(|back| {
+                Duration::from_millis(u64::try_from(back.saturating_add(eval::LOOKBACK_MS)).unwrap_or(u64::MAX))
+            })
     }
 
     /// How far before the evaluation time data must be kept: the longest range
