@@ -273,12 +273,20 @@ pub fn ago(unix_ms: i64, now_ms: i64) -> String {
     if unix_ms <= 0 {
         return "never".to_owned();
     }
-    let s = (now_ms - unix_ms).max(0) / 1000;
+    // A time ahead (a silence's end) reads "in 2h"; clock skew of under a second is "0s ago".
+    if unix_ms - now_ms >= 1000 {
+        return format!("in {}", span((unix_ms - now_ms) / 1000));
+    }
+    format!("{} ago", span((now_ms - unix_ms).max(0) / 1000))
+}
+
+/// Whole seconds as the largest unit that fits: `59s`, `4m`, `3h`, `2d`.
+fn span(s: i64) -> String {
     match s {
-        0..=59 => format!("{s}s ago"),
-        60..=3599 => format!("{}m ago", s / 60),
-        3600..=86_399 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86_400),
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
     }
 }
 
@@ -294,6 +302,8 @@ mod tests {
         assert_eq!(percent(None), "-");
         assert_eq!(ago(1_000, 61_000), "1m ago");
         assert_eq!(ago(0, 5), "never");
+        assert_eq!(ago(7_201_000, 1_000), "in 2h", "a time ahead");
+        assert_eq!(ago(1_500, 1_000), "0s ago", "sub-second skew");
         assert_eq!(number(Some(85_899_345_920.0)), "85899345920");
         assert_eq!(number(Some(61.25)), "61.25");
         assert_eq!(number(Some(0.1234)), "0.123");

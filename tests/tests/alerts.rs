@@ -355,7 +355,7 @@ fn alerts_reach_alertmanager_and_a_webhook_firing_then_resolved() {
     let hook = WebhookSink::start("/flotilla");
     let rules = dir.path().join("rules.yml");
     std::fs::write(&rules, HOT_RULES).unwrap();
-    let c = Controller::start_configured(
+    let mut c = Controller::start_configured(
         dir.path(),
         &pki,
         &format!(
@@ -388,6 +388,20 @@ fn alerts_reach_alertmanager_and_a_webhook_firing_then_resolved() {
     });
     assert_eq!(firing_hook["version"], "4");
     assert_eq!(firing_hook["alerts"][0]["labels"]["alertname"], "GPUHighTemperature");
+
+    // A controller restart loses the in-memory re-post schedule: the firing alert
+    // is posted to Alertmanager again (and not to the webhook, which would page twice).
+    let updated = in_am["updatedAt"].as_str().unwrap().to_owned();
+    let webhook_posts = hook.bodies().len();
+    c.proc.kill9();
+    c.restart();
+    eventually("Alertmanager to hear about the alert again after the restart", |last| {
+        let alerts = am.alerts();
+        *last = format!("{alerts:?}");
+        let a = alerts.into_iter().find(|a| a["labels"]["alertname"] == "GPUHighTemperature")?;
+        (a["updatedAt"].as_str()? != updated).then_some(())
+    });
+    assert_eq!(hook.bodies().len(), webhook_posts, "no second page to the webhook");
 
     assert!(flotctl(&pki, &c.url(), &["sim", "inject", "hot", "clear"]).status.success());
     eventually("Alertmanager to notify the alert resolved", |last| {

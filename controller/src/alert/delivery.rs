@@ -149,10 +149,22 @@ impl Dispatcher {
     /// Hands over alert state changes (newly firing, resolved, re-notified) to every
     /// target. Never blocks; a full queue drops the oldest firing state it holds.
     pub fn notify(&self, alerts: Vec<OutgoingAlert>) {
+        self.push(alerts, |_| true);
+    }
+
+    /// Hands alerts that were already delivered before a restart to the
+    /// Alertmanager targets only: their re-post schedule lives in memory, and
+    /// Alertmanager would otherwise let them lapse at their last `endsAt`.
+    /// Webhooks are not told again (that would page twice).
+    pub fn resume(&self, alerts: Vec<OutgoingAlert>) {
+        self.push(alerts, |kind| kind == TargetKind::Alertmanager);
+    }
+
+    fn push(&self, alerts: Vec<OutgoingAlert>, to: impl Fn(TargetKind) -> bool) {
         if alerts.is_empty() {
             return;
         }
-        for target in self.targets.iter() {
+        for target in self.targets.iter().filter(|t| to(t.kind)) {
             let outcomes = target.inbox.push_all(alerts.iter().cloned());
             let coalesced = outcomes.iter().filter(|o| **o == Pushed::Coalesced).count();
             let evicted = outcomes.iter().filter(|o| **o == Pushed::Evicted).count();

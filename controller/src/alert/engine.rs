@@ -46,8 +46,9 @@ pub struct AlertingConfig {
     /// And at least this often (for `for` expiry, `absent` and agent liveness).
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
-    /// After a controller start, nothing is evaluated for this long, so that
-    /// agents can reconnect before any of them can be judged down.
+    /// After a controller start, nothing is evaluated until every known agent has
+    /// reconnected or this long has passed, so that no agent is judged down
+    /// before it had time to come back (agents retry at most every 30 s).
     #[serde(with = "humantime_serde")]
     pub restart_grace: Duration,
     /// A firing critical alert nobody acknowledged is delivered again this often.
@@ -70,7 +71,7 @@ impl Default for AlertingConfig {
             rules: None,
             min_eval_interval: Duration::from_millis(200),
             tick: Duration::from_secs(1),
-            restart_grace: Duration::from_secs(20),
+            restart_grace: Duration::from_secs(60),
             renotify_interval: Duration::from_secs(3600),
             resolved_retention: Duration::from_secs(15 * 60),
             history_retention: Duration::from_secs(30 * 86_400),
@@ -164,6 +165,10 @@ struct Book {
     health: HashMap<String, Health>,
     /// When each group with an `interval` was last evaluated (Unix ms).
     group_evaluated: HashMap<String, i64>,
+    /// Firing alerts this process has handed to delivery. One delivered by an
+    /// earlier process goes to Alertmanager again (its re-post schedule was in
+    /// that process's memory) once it is deliverable.
+    handed_over: HashSet<String>,
 }
 
 struct Inner {
@@ -178,7 +183,6 @@ struct Inner {
     rules: RwLock<Loaded>,
     book: tokio::sync::Mutex<Book>,
     wake: Notify,
-    started: Instant,
     /// Committed batches on their way to [`Engine::ingest`].
     intake: tokio::sync::mpsc::Sender<Vec<(NodeId, TelemetryBatch)>>,
 }
@@ -240,7 +244,13 @@ impl Engine {
         let store = deps.store.clone();
         let (alerts, silences) = blocking(move || Ok((store.alerts()?, store.silences()?))).await?;
         let mut book = Book::default();
-        for a in alerts {
+        let loaded_at = now_unix_ms();
+        for mut a in alerts {
+            // The controller was not looking while it was down: `keep_firing_for`
+            // counts from now, not from before the restart.
+            if a.state == AlertState::Firing {
+                a.last_held_unix_ms = a.last_held_unix_ms.max(loaded_at);
+            }
             book.alerts.insert(a.id.clone(), a);
         }
         for s in silences {
@@ -256,7 +266,6 @@ impl Engine {
             rules: RwLock::new(Loaded { rules: Arc::new(rules), loaded_unix_ms: now_unix_ms() }),
             book: tokio::sync::Mutex::new(book),
             wake: Notify::new(),
-            started: Instant::now(),
             store: deps.store,
             registry: deps.registry,
             view: deps.view,
@@ -346,48 +355,51 @@ impl Engine {
         }
     }
 
-    /// Rebuilds the window from the store: the telemetry every rule can read.
+    /// Rebuilds the window from the store: the telemetry every rule can read,
+    /// node by node on the blocking pool (a big fleet has millions of samples).
     async fn refill_window(&self) -> Result<(), AlertError> {
-        let rules = self.rules();
-        let reach = rules.reach();
-        let mut window = Window::new(reach);
-        if !rules.groups.is_empty() {
-            let store = self.inner.store.clone();
-            let nodes = self.inner.view.nodes();
+        let engine = self.clone();
+        let window = blocking(move || {
+            let rules = engine.rules();
+            let reach = rules.reach();
+            let mut window = Window::new(reach);
+            if rules.groups.is_empty() {
+                return Ok(window);
+            }
             let now = now_unix_ms();
             let from = now - i64::try_from(reach.as_millis()).unwrap_or(i64::MAX);
-            let batches = blocking(move || {
-                let mut out = Vec::new();
-                for node in nodes {
-                    let batches = store.batches_between(&node, from, now)?;
-                    out.push((node, batches));
-                }
-                Ok(out)
-            })
-            .await?;
-            for (node, batches) in batches {
-                let inventory = self.inner.view.inventory(&node).unwrap_or_default();
-                for batch in &batches {
-                    for s in batch_samples(&node, &inventory, batch) {
+            for node in engine.inner.view.nodes() {
+                let inventory = engine.inner.view.inventory(&node).unwrap_or_default();
+                for batch in engine.inner.store.batches_between(&node, from, now)? {
+                    for s in batch_samples(&node, &inventory, &batch) {
                         if let Some(keep) = reach_for(&rules, &s.name, &s.labels) {
                             window.push_kept(&s.name, &s.labels, batch.created_unix_ms, s.value, Some(keep));
                         }
                     }
                 }
             }
-        }
+            Ok(window)
+        })
+        .await?;
         tracing::debug!(series = window.series_count(), samples = window.sample_count(), "alert window filled");
         *self.window() = window;
         Ok(())
     }
 
     async fn run(self, cancel: CancellationToken) {
-        let grace_end = self.inner.started + self.inner.config.restart_grace;
-        tokio::select! {
-            () = tokio::time::sleep_until(grace_end) => {}
-            () = cancel.cancelled() => return,
+        // The grace ends early once every known node is connected again.
+        let grace_end = Instant::now() + self.inner.config.restart_grace;
+        loop {
+            let missing = self.inner.view.nodes().iter().filter(|n| self.inner.registry.session(n).is_none()).count();
+            if missing == 0 || Instant::now() >= grace_end {
+                tracing::info!(not_reconnected = missing, "alert evaluation started");
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                () = cancel.cancelled() => return,
+            }
         }
-        tracing::info!("alert evaluation started");
         let mut tick = tokio::time::interval(self.inner.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Passes start at most every `min_eval_interval`, and never sooner than twice
@@ -508,7 +520,9 @@ impl Engine {
             match result {
                 Ok(samples) => {
                     health.last_error = None;
-                    if let Err(e) = apply(&mut book, rule, samples, now_ms, &mut changes) {
+                    let now = Instant::now();
+                    let held = |a: &AlertRecord| self.inhibited(a, now);
+                    if let Err(e) = apply(&mut book, rule, samples, now_ms, &held, &mut changes) {
                         self.inner.metrics.rule_evaluation_failures.inc();
                         book.health.entry(rule.key()).or_default().last_error = Some(e);
                     }
@@ -526,11 +540,11 @@ impl Engine {
         let orphans: Vec<String> =
             book.alerts.values().filter(|a| !keys.contains(&a.rule)).map(|a| a.id.clone()).collect();
         for id in orphans {
-            if let Some(a) = book.alerts.get_mut(&id) {
-                transition_out(a, now_ms, &mut changes);
+            if book.alerts.get_mut(&id).is_some_and(|a| transition_out(a, now_ms, &mut changes)) {
+                book.alerts.remove(&id);
             }
         }
-        let outgoing = self.deliverable(&mut book, now_ms, &mut changes);
+        let (outgoing, resumed) = self.deliverable(&mut book, now_ms, &mut changes);
         let (firing, pending) = book.alerts.values().fold((0, 0), |(f, p), a| match a.state {
             AlertState::Firing => (f + 1, p),
             AlertState::Pending => (f, p + 1),
@@ -541,9 +555,14 @@ impl Engine {
         if !changes.is_empty() {
             let store = self.inner.store.clone();
             if let Err(error) = blocking(move || Ok(store.commit_alerts(&changes)?)).await {
-                // Not delivered either: the next pass retries from the same state
-                // (the in-memory book already moved; the write repeats next change).
+                // Nothing is delivered, and the book goes back to what is stored, so
+                // the next pass makes (and delivers) the same changes again.
                 tracing::error!(%error, "persisting alert changes failed; nothing delivered this pass");
+                let store = self.inner.store.clone();
+                match blocking(move || Ok(store.alerts()?)).await {
+                    Ok(stored) => book.alerts = stored.into_iter().map(|a| (a.id.clone(), a)).collect(),
+                    Err(error) => tracing::error!(%error, "re-reading alerts after a failed write failed too"),
+                }
                 return;
             }
         }
@@ -551,17 +570,27 @@ impl Engine {
         if !outgoing.is_empty() {
             self.inner.dispatcher.notify(outgoing);
         }
+        if !resumed.is_empty() {
+            tracing::info!(alerts = resumed.len(), "re-posting alerts delivered before the restart to Alertmanager");
+            self.inner.dispatcher.resume(resumed);
+        }
         self.inner.metrics.alert_evaluations.inc();
         self.inner.metrics.alert_evaluation_seconds.observe(started.elapsed().as_secs_f64());
     }
 
-    /// Decides what to deliver now, marks it notified and drops resolved alerts
-    /// past their retention.
-    fn deliverable(&self, book: &mut Book, now_ms: i64, changes: &mut AlertChanges) -> Vec<OutgoingAlert> {
+    /// Decides what to deliver now (and what to re-post to Alertmanager after a
+    /// restart), marks it notified and drops resolved alerts past their retention.
+    fn deliverable(
+        &self,
+        book: &mut Book,
+        now_ms: i64,
+        changes: &mut AlertChanges,
+    ) -> (Vec<OutgoingAlert>, Vec<OutgoingAlert>) {
         let renotify = i64::try_from(self.inner.config.renotify_interval.as_millis()).unwrap_or(i64::MAX);
         let retention = i64::try_from(self.inner.config.resolved_retention.as_millis()).unwrap_or(i64::MAX);
         let now = Instant::now();
         let mut out = Vec::new();
+        let mut resumed = Vec::new();
         let mut expired = Vec::new();
         let ids: Vec<String> = book.alerts.keys().cloned().collect();
         for id in ids {
@@ -574,16 +603,20 @@ impl Engine {
                     Some(t) => a.label("severity") == Some("critical") && a.ack.is_none() && now_ms - t >= renotify,
                 },
                 // A resolved alert whose firing was delivered is delivered resolved, once.
-                AlertState::Resolved => {
-                    a.last_notified_unix_ms.is_some_and(|t| a.resolved_unix_ms.is_some_and(|r| t < r))
-                }
+                AlertState::Resolved => a.last_notified_unix_ms.is_some() && !a.resolved_notified,
                 _ => false,
             };
+            let deliverable = a.state == AlertState::Firing && silenced.is_empty() && !inhibited;
             if send {
                 a.last_notified_unix_ms = Some(now_ms);
+                a.resolved_notified = a.state == AlertState::Resolved;
                 out.push(self.outgoing(a));
                 changes.upsert.retain(|r| r.id != a.id);
                 changes.upsert.push(a.clone());
+                book.handed_over.insert(id.clone());
+            } else if deliverable && a.last_notified_unix_ms.is_some() && !book.handed_over.contains(&id) {
+                resumed.push(self.outgoing(a));
+                book.handed_over.insert(id.clone());
             }
             if a.state == AlertState::Resolved && a.resolved_unix_ms.is_some_and(|r| now_ms - r > retention) {
                 expired.push(id);
@@ -591,10 +624,11 @@ impl Engine {
         }
         for id in expired {
             book.alerts.remove(&id);
+            book.handed_over.remove(&id);
             changes.upsert.retain(|r| r.id != id);
             changes.remove.push(id);
         }
-        out
+        (out, resumed)
     }
 
     fn inhibited(&self, a: &AlertRecord, now: Instant) -> bool {
@@ -640,10 +674,9 @@ impl Engine {
     /// Acknowledges an alert (flushed before this returns).
     pub async fn ack(&self, id: &str, by: &str, comment: &str) -> Result<AlertView, AlertError> {
         let mut book = self.inner.book.lock().await;
-        let a = book.alerts.get_mut(id).ok_or_else(|| AlertError::NoSuchAlert(id.to_owned()))?;
+        let mut record = book.alerts.get(id).cloned().ok_or_else(|| AlertError::NoSuchAlert(id.to_owned()))?;
         let now_ms = now_unix_ms();
-        a.ack = Some(Ack { by: by.to_owned(), at_unix_ms: now_ms, comment: comment.to_owned() });
-        let record = a.clone();
+        record.ack = Some(Ack { by: by.to_owned(), at_unix_ms: now_ms, comment: comment.to_owned() });
         let changes = AlertChanges {
             upsert: vec![record.clone()],
             remove: Vec::new(),
@@ -660,6 +693,7 @@ impl Engine {
         };
         let store = self.inner.store.clone();
         blocking(move || Ok(store.commit_alerts(&changes)?)).await?;
+        book.alerts.insert(record.id.clone(), record.clone());
         let silenced = silenced_by(&book.silences, Some(&record), now_ms);
         Ok(AlertView { inhibited: self.inhibited(&record, Instant::now()), silenced_by: silenced, record })
     }
@@ -701,19 +735,20 @@ impl Engine {
     pub async fn expire_silence(&self, id: &str) -> Result<Silence, AlertError> {
         let mut book = self.inner.book.lock().await;
         let now_ms = now_unix_ms();
-        let (s, _) = book
+        let mut ended = book
             .silences
-            .iter_mut()
+            .iter()
             .find(|(s, _)| s.id == id)
+            .map(|(s, _)| s.clone())
             .ok_or_else(|| AlertError::NoSuchSilence(id.to_owned()))?;
-        if s.ends_unix_ms > now_ms {
-            s.ends_unix_ms = now_ms;
-        }
-        let saved = s.clone();
+        ended.ends_unix_ms = ended.ends_unix_ms.min(now_ms);
+        let saved = ended.clone();
         let store = self.inner.store.clone();
-        let out = saved.clone();
         blocking(move || Ok(store.commit_silence(&saved)?)).await?;
-        Ok(out)
+        if let Some((s, _)) = book.silences.iter_mut().find(|(s, _)| s.id == id) {
+            *s = ended.clone();
+        }
+        Ok(ended)
     }
 
     /// Silences, newest first; expired ones only when asked.
@@ -831,11 +866,14 @@ fn transition_out(a: &mut AlertRecord, now_ms: i64, changes: &mut AlertChanges) 
 }
 
 /// Applies one rule's result at `now_ms` to the book.
+/// `held(alert)`: an alert that must not resolve now (its node is down, so its
+/// series went stale rather than healthy).
 fn apply(
     book: &mut Book,
     rule: &Rule,
     samples: Vec<super::promql::Sample>,
     now_ms: i64,
+    held: &dyn Fn(&AlertRecord) -> bool,
     changes: &mut AlertChanges,
 ) -> Result<(), String> {
     let key = rule.key();
@@ -852,7 +890,7 @@ fn apply(
         let annotations: Vec<(String, String)> = rule
             .annotations
             .iter()
-            .map(|(k, t)| (k.clone(), t.render(Data { labels: &labels, value: sample.value })))
+            .map(|(k, t)| (k.clone(), t.render(Data { labels: &expr_labels, value: sample.value })))
             .collect();
         let id = fingerprint(&key, &labels);
         if !seen.insert(id.clone()) {
@@ -875,6 +913,7 @@ fn apply(
                 last_held_unix_ms: now_ms,
                 ack: None,
                 last_notified_unix_ms: None,
+                resolved_notified: false,
             };
             changes.events.push(event(&a, None, Some(AlertState::Pending), now_ms));
             if rule.for_.is_zero() {
@@ -904,6 +943,7 @@ fn apply(
         .values()
         .filter(|a| a.rule == key && a.state != AlertState::Resolved && !seen.contains(&a.id))
         .filter(|a| a.state == AlertState::Pending || now_ms - a.last_held_unix_ms >= keep_ms)
+        .filter(|a| !held(a))
         .map(|a| a.id.clone())
         .collect();
     for id in gone {
@@ -950,13 +990,12 @@ mod tests {
             restart_grace: Duration::from_secs(3600),
             ..Default::default()
         };
-        let deps = Deps {
-            store,
-            registry: Registry::default(),
-            view: FleetView::default(),
-            missed_heartbeats: 3,
-            metrics: Metrics::new().unwrap(),
-        };
+        // A known node that never connects keeps the restart grace (an hour) going,
+        // so the engine's own loop never evaluates: tests call `evaluate`.
+        let view = FleetView::default();
+        view.set_inventory(&NodeId::new("never-connects").unwrap(), flotilla_common::model::Inventory::default());
+        let deps =
+            Deps { store, registry: Registry::default(), view, missed_heartbeats: 3, metrics: Metrics::new().unwrap() };
         Engine::start(config, deps, CancellationToken::new(), &tokio_util::task::TaskTracker::new()).await.unwrap()
     }
 
@@ -1104,6 +1143,68 @@ groups:
         let (_, _, views) = e.rule_views().await;
         assert!(views[0].last_error.as_deref().unwrap_or_default().contains("more than one series"), "{views:?}");
         assert_eq!(e.alerts(Some(AlertState::Firing)).await.len(), 1, "the first series still alerts");
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_critical_alerts_renotify_and_acked_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), &RULES.replace("for: 10s", "for: 0s")).await;
+        let hour = 3_600_000;
+        let notified = |e: &Engine| {
+            let e = e.clone();
+            async move { e.alerts(Some(AlertState::Firing)).await[0].record.last_notified_unix_ms }
+        };
+        push(&e, "a", T0, 90.0);
+        e.evaluate(T0).await;
+        assert_eq!(notified(&e).await, Some(T0));
+        push(&e, "a", T0 + hour / 2, 90.0);
+        e.evaluate(T0 + hour / 2).await;
+        assert_eq!(notified(&e).await, Some(T0), "not before renotify_interval");
+        push(&e, "a", T0 + hour, 90.0);
+        e.evaluate(T0 + hour).await;
+        assert_eq!(notified(&e).await, Some(T0 + hour), "re-notified after an hour unacknowledged");
+        let id = e.alerts(Some(AlertState::Firing)).await[0].record.id.clone();
+        e.ack(&id, "alice", "").await.unwrap();
+        push(&e, "a", T0 + 2 * hour, 90.0);
+        e.evaluate(T0 + 2 * hour).await;
+        assert_eq!(notified(&e).await, Some(T0 + hour), "acknowledged: quiet");
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_drops_a_rule_ends_its_alerts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, store) = engine(dir.path(), RULES).await;
+        push(&e, "a", T0, 90.0);
+        e.evaluate(T0).await;
+        assert_eq!(e.alerts(Some(AlertState::Pending)).await.len(), 1);
+        std::fs::write(dir.path().join("rules.yml"), RULES.replace("alert: Hot", "alert: Warm")).unwrap();
+        e.reload().await.unwrap();
+        push(&e, "a", T0 + 1_000, 10.0);
+        e.evaluate(T0 + 1_000).await;
+        e.evaluate(T0 + 2_000).await;
+        assert!(e.alerts(None).await.is_empty(), "the old rule's pending alert is gone");
+        assert!(store.alerts().unwrap().is_empty());
+        let events = store.alert_history(100).unwrap();
+        assert_eq!(events.iter().filter(|h| h.to.is_none()).count(), 1, "it went inactive once: {events:?}");
+    }
+
+    #[tokio::test]
+    async fn a_down_nodes_gpu_alerts_are_inhibited_and_do_not_resolve_on_stale_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = RULES
+            .replace("for: 10s", "for: 0s")
+            .replace("labels: { severity: critical }", "labels: { severity: critical, component: gpu }");
+        let (e, _) = engine(dir.path(), &rules).await;
+        // "never-connects" is known and has no session: it is down.
+        push(&e, "never-connects", T0, 90.0);
+        e.evaluate(T0).await;
+        let firing = e.alerts(Some(AlertState::Firing)).await;
+        assert_eq!(firing.len(), 1);
+        assert!(firing[0].inhibited);
+        assert_eq!(firing[0].record.last_notified_unix_ms, None, "inhibited: not delivered");
+        // Its series goes stale (no data for 5 minutes): the alert holds.
+        e.evaluate(T0 + 600_000).await;
+        assert_eq!(e.alerts(Some(AlertState::Firing)).await.len(), 1, "held while the node is down");
     }
 
     /// A realistic batch: 8 GPUs, a host with two filesystems, one vLLM endpoint.

@@ -298,8 +298,10 @@ fn compile_rule(group: &str, r: RuleDoc) -> Result<Rule, (String, Vec<String>)> 
         let templates =
             labels.iter().map(|(k, t)| ("label", k, t)).chain(annotations.iter().map(|(k, t)| ("annotation", k, t)));
         for (what, k, t) in templates {
+            // As in Prometheus, `$labels` is the expression's result labels, for
+            // labels and annotations alike (not the rule's labels, not alertname).
             for read in t.labels_read() {
-                if !known.contains(read) && !r.labels.contains_key(read) && read != "alertname" {
+                if !known.contains(read) {
                     let have: Vec<&str> = known.iter().map(String::as_str).collect();
                     problems.push(format!(
                         "{what} {k} reads $labels.{read}, which the alert never has (its labels: {})",

@@ -52,6 +52,9 @@ pub struct AlertRecord {
     pub ack: Option<Ack>,
     /// When it was last delivered; `None` while it never was.
     pub last_notified_unix_ms: Option<i64>,
+    /// Whether its resolution was delivered (an explicit flag: comparing wall
+    /// clock times would lose it to a clock step).
+    pub resolved_notified: bool,
 }
 
 impl AlertRecord {

@@ -282,6 +282,9 @@ pub fn valid_label_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// The widest width or precision a `printf` verb may ask for.
+const MAX_PRINTF_WIDTH: usize = 64;
+
 /// The verbs [`printf`] renders: `%%`, `%s`, `%v`, `%d`, `%f`, `%e`, `%g`, with
 /// an optional precision (`%.2f`).
 fn check_printf(fmt: &str) -> Result<(), String> {
@@ -296,11 +299,16 @@ fn check_printf(fmt: &str) -> Result<(), String> {
             match chars.next() {
                 Some(d) if d.is_ascii_digit() || d == '.' => spec.push(d),
                 Some('%') if spec.is_empty() => break,
-                Some(v @ ('s' | 'v' | 'd' | 'f' | 'e' | 'g')) => {
+                Some('s' | 'v' | 'd' | 'f' | 'e' | 'g') => {
                     if spec.chars().filter(|c| *c == '.').count() > 1 {
                         return Err(format!("printf format {fmt:?}: bad precision `{spec}`"));
                     }
-                    let _ = v;
+                    let too_big = spec.split('.').any(|n| n.parse::<usize>().is_ok_and(|n| n > MAX_PRINTF_WIDTH));
+                    if too_big {
+                        return Err(format!(
+                            "printf format {fmt:?}: width and precision are at most {MAX_PRINTF_WIDTH}"
+                        ));
+                    }
                     verbs += 1;
                     break;
                 }
@@ -359,11 +367,12 @@ pub fn format_go_value(v: f64) -> String {
     if v == 0.0 {
         return "0".to_owned();
     }
-    let exp = v.abs().log10().floor() as i32;
-    if !(-4..21).contains(&exp) {
-        // Shortest round-trip digits in exponent form, Go style (e+06).
-        let s = format!("{v:e}");
-        return go_exponent(&s);
+    // Go's shortest 'g' form: exponent form when the decimal exponent is below -4
+    // or at least 6 (1234567 is 1.234567e+06), plain digits otherwise.
+    let e_form = format!("{v:e}");
+    let exp: i32 = e_form.split_once('e').and_then(|(_, e)| e.parse().ok()).unwrap_or(0);
+    if !(-4..6).contains(&exp) {
+        return go_exponent(&e_form);
     }
     format!("{v}")
 }
@@ -458,24 +467,20 @@ fn humanize_duration(v: f64) -> String {
         return "0s".to_owned();
     }
     if v.abs() >= 1.0 {
+        // As Prometheus: whole units down to seconds once there is a minute.
         let sign = if v < 0.0 { "-" } else { "" };
-        let v = v.abs();
-        let days = (v / 86_400.0) as i64;
-        let hours = (v / 3600.0) as i64 % 24;
-        let minutes = (v / 60.0) as i64 % 60;
-        let seconds = v % 60.0;
-        let mut out = sign.to_owned();
+        let whole = v.abs() as i64;
+        let (days, hours, minutes, seconds) = (whole / 86_400, whole / 3600 % 24, whole / 60 % 60, whole % 60);
         if days != 0 {
-            let _ = write!(out, "{days}d ");
+            return format!("{sign}{days}d {hours}h {minutes}m {seconds}s");
         }
         if hours != 0 {
-            let _ = write!(out, "{hours}h ");
+            return format!("{sign}{hours}h {minutes}m {seconds}s");
         }
         if minutes != 0 {
-            let _ = write!(out, "{minutes}m ");
+            return format!("{sign}{minutes}m {seconds}s");
         }
-        let _ = write!(out, "{}s", format_g(seconds, 4));
-        return out;
+        return format!("{sign}{}s", format_g(v.abs(), 4));
     }
     let (v, prefix) = small_prefix(v);
     format!("{}{prefix}s", format_g(v, 4))
@@ -500,6 +505,9 @@ mod tests {
         assert_eq!(render("{{ $value | humanizePercentage }}", &[], 0.9234), "92.34%");
         assert_eq!(render("{{ $value | humanizeDuration }}", &[], 7.25), "7.25s");
         assert_eq!(render("{{ $value | humanizeDuration }}", &[], 3725.0), "1h 2m 5s");
+        assert_eq!(render("{{ $value | humanizeDuration }}", &[], 3600.0), "1h 0m 0s");
+        assert_eq!(render("{{ $value | humanizeDuration }}", &[], 61.5), "1m 1s");
+        assert_eq!(render("{{ $value | humanizeDuration }}", &[], 90061.0), "1d 1h 1m 1s");
         assert_eq!(render("{{ $value | humanizeDuration }}", &[], 0.512), "512ms");
         assert_eq!(render("{{ humanize $value }}", &[], 1_234_567.0), "1.235M");
         assert_eq!(render("{{ $value | humanize }}", &[], 0.0012), "1.2m");
@@ -507,6 +515,10 @@ mod tests {
         assert_eq!(render(r#"{{ printf "%.1f" $value }} C"#, &[], 80.04), "80.0 C");
         assert_eq!(render("{{ $labels.missing }}|", &[], 1.0), "|", "a missing label renders empty");
         assert_eq!(render("{{ $value }}", &[], 1e21), "1e+21");
+        assert_eq!(render("{{ $value }}", &[], 1_234_567.0), "1.234567e+06", "Go's %v");
+        assert_eq!(render("{{ $value }}", &[], 123_456.0), "123456");
+        assert_eq!(render("{{ $value }}", &[], 0.0001), "0.0001");
+        assert_eq!(render("{{ $value }}", &[], 0.00001), "1e-05");
         assert_eq!(render("{{ $value }}", &[], f64::NAN), "NaN");
         assert_eq!(render("{{ $labels.node | toUpper }}", &[("node", "gpu-1")], 0.0), "GPU-1");
     }
@@ -528,6 +540,7 @@ mod tests {
             ("{{ $externalLabels.a }}", "not supported"),
             (r#"{{ printf "%x" $value }}"#, "%x is not supported"),
             (r#"{{ printf "%s %s" $value }}"#, "2 verbs"),
+            (r#"{{ printf "%.70000f" $value }}"#, "at most 64"),
             ("{{ $value | humanize $value }}", "from the pipe"),
             ("{{ $value | humanize 3 }}", "`3` is not supported"),
         ] {

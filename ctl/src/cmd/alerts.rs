@@ -173,7 +173,7 @@ pub async fn run(cmd: AlertsCmd, conn: &Connection) -> anyhow::Result<()> {
             )?;
             if let Some(s) = resp.silence {
                 println!(
-                    "silence {} until {} ({}); it matches {} alert(s) now",
+                    "silence {} ends {} ({}); it matches {} alert(s) now",
                     s.id,
                     output::ago(s.ends_unix_ms, now_unix_ms()),
                     s.matchers.join(", "),

@@ -169,6 +169,8 @@ pub async fn reload_rules(
     request: Request<pb::ReloadRulesRequest>,
 ) -> Result<Response<pb::ReloadRulesResponse>, Status> {
     let actor = actor_for_action(&request)?;
+    let path = ctx.config.alerting.rules.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    audit(ctx, &actor, "rules.reload", &path, serde_json::json!({})).await?;
     let rules = match ctx.alerts.reload().await {
         Ok(rules) => rules,
         Err(error) => {
@@ -181,12 +183,11 @@ pub async fn reload_rules(
             });
         }
     };
-    let count = u32::try_from(rules.rules().count()).unwrap_or(u32::MAX);
-    audit(ctx, &actor, "rules.reload", &rules.source, serde_json::json!({ "rules": count })).await?;
+    tracing::info!(by = %actor, rules = rules.rules().count(), "rules reloaded");
     Ok(Response::new(pb::ReloadRulesResponse {
         source: rules.source.clone(),
         groups: u32::try_from(rules.groups.len()).unwrap_or(u32::MAX),
-        rules: count,
+        rules: u32::try_from(rules.rules().count()).unwrap_or(u32::MAX),
     }))
 }
 
