@@ -23,6 +23,10 @@ pub struct Exporter {
     pub metrics: Metrics,
     pub missed_heartbeats: u32,
     pub store: std::sync::Arc<dyn crate::store::Store>,
+    /// While it is in its restart grace, a node not yet reconnected has no
+    /// `flotilla_agent_up` (rather than 0), so that an AgentDown rule run by an
+    /// outside Prometheus does not fire for every node after a restart.
+    pub alerts: Option<crate::alert::engine::Engine>,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -117,12 +121,15 @@ impl Exporter {
             let (st, _) = node_state(session.as_ref(), state.latest.as_ref(), now, self.missed_heartbeats);
             let n: Labels = vec![("node".into(), node.to_string())];
             let up = if matches!(st, NodeState::Down) { 0.0 } else { 1.0 };
-            f.push(Metric::gauge(
-                "flotilla_agent_up",
-                "1 when the node's agent is connected and heartbeating.",
-                n.clone(),
-                up,
-            ));
+            let awaited = session.is_none() && self.alerts.as_ref().is_some_and(|a| a.in_restart_grace());
+            if !awaited {
+                f.push(Metric::gauge(
+                    "flotilla_agent_up",
+                    "1 when the node's agent is connected and heartbeating.",
+                    n.clone(),
+                    up,
+                ));
+            }
             for s in [NodeState::Up, NodeState::Degraded, NodeState::Cordoned, NodeState::Draining, NodeState::Down] {
                 let mut l = n.clone();
                 l.push(("state".into(), s.as_str().into()));

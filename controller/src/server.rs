@@ -121,6 +121,7 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
             metrics: metrics.clone(),
             missed_heartbeats: config.agents.missed_heartbeats,
             store: store.clone(),
+            alerts: Some(ctx.alerts.clone()),
         };
         tracker.spawn(crate::exporter::http::serve(listener, metrics_tls, exporter, work.clone(), tracker.clone()));
     }

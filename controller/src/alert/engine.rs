@@ -183,6 +183,8 @@ struct Inner {
     rules: RwLock<Loaded>,
     book: tokio::sync::Mutex<Book>,
     wake: Notify,
+    /// Set when the restart grace is over and evaluation has started.
+    evaluating: std::sync::atomic::AtomicBool,
     /// Committed batches on their way to [`Engine::ingest`].
     intake: tokio::sync::mpsc::Sender<Vec<(NodeId, TelemetryBatch)>>,
 }
@@ -261,6 +263,7 @@ impl Engine {
         }
         let (intake, mut intake_rx) = tokio::sync::mpsc::channel(INTAKE_DEPTH);
         let inner = Arc::new(Inner {
+            evaluating: std::sync::atomic::AtomicBool::new(false),
             intake,
             window: Mutex::new(Window::new(rules.reach())),
             rules: RwLock::new(Loaded { rules: Arc::new(rules), loaded_unix_ms: now_unix_ms() }),
@@ -309,6 +312,11 @@ impl Engine {
             });
         }
         Ok(engine)
+    }
+
+    /// Whether the engine is still waiting out its restart grace.
+    pub fn in_restart_grace(&self) -> bool {
+        !self.inner.evaluating.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn rules(&self) -> Arc<RuleSet> {
@@ -393,6 +401,7 @@ impl Engine {
             let missing = self.inner.view.nodes().iter().filter(|n| self.inner.registry.session(n).is_none()).count();
             if missing == 0 || Instant::now() >= grace_end {
                 tracing::info!(not_reconnected = missing, "alert evaluation started");
+                self.inner.evaluating.store(true, std::sync::atomic::Ordering::Relaxed);
                 break;
             }
             tokio::select! {
