@@ -2,6 +2,12 @@
 //! opens N simulated agents (one mTLS connection each) that speak the agent
 //! protocol, and prints one JSON line of throughput, ack latency and controller
 //! cost. It measures; it does not judge.
+//!
+//! The simulated agents answer signed commands as a real agent does: each
+//! envelope is verified against the controller's pinned public key with the
+//! agent's own checks before `noop` succeeds (anything else fails unexecuted).
+//! With `--fanout-noop` the sim also plays an admin operator who sends `noop`
+//! to every agent at once, and reports how long the last result takes.
 
 // The JSON line on stdout is this tool's product and progress goes to stderr, so
 // printing is the point here, not a stray debug aid.
@@ -15,6 +21,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
+use flotilla_common::command::{Command, CommandStatus};
+use flotilla_common::envelope::{CommandId, Envelope, PinnedKey, SignedEnvelope};
 use flotilla_common::pki::{self, CaInit};
 use flotilla_common::time::now_unix_ms;
 use flotilla_common::tls::TlsFiles;
@@ -22,6 +30,7 @@ use flotilla_common::{Identity, NodeId, client};
 use flotilla_proto::pb::agent_message::Body as Up;
 use flotilla_proto::pb::agent_service_client::AgentServiceClient;
 use flotilla_proto::pb::controller_message::Body as Down;
+use flotilla_proto::pb::fleet_client::FleetClient;
 use flotilla_proto::{PROTOCOL_VERSION, pb};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -29,6 +38,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
+use tonic::transport::Channel;
 
 /// Hang guards, not speed claims.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,6 +50,13 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Least time given to the acks in flight when the window closes.
 const DRAIN: Duration = Duration::from_secs(5);
+/// One ExecCommand's hang guard; the controller itself gives up on a noop after
+/// its result wait (the envelope's validity plus 30 s).
+const EXEC_TIMEOUT: Duration = Duration::from_secs(90);
+/// Concurrent calls per operator connection when --fanout-channels is 0: the
+/// controller allows 256 concurrent HTTP/2 streams on one connection, and calls
+/// beyond that wait client-side for a free stream.
+const CALLS_PER_CHANNEL: usize = 200;
 
 /// Drives the real controller with simulated agents and prints one JSON line.
 #[derive(Debug, Parser)]
@@ -74,6 +91,21 @@ struct Args {
     /// report gives the time from that batch to GPUHighTemperature firing.
     #[arg(long, default_value_t = 0)]
     hot_agents: usize,
+    /// Fan-out benchmark: from the window's start an admin operator sends a signed
+    /// `noop` (Fleet.ExecCommand) to every agent at once, --fanout-rounds times;
+    /// the report gives the time from the first request to the last result.
+    #[arg(long)]
+    fanout_noop: bool,
+    /// Fan-out rounds.
+    #[arg(long, default_value_t = 5)]
+    fanout_rounds: usize,
+    /// Pause between the end of one fan-out round and the next.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    fanout_pause: Duration,
+    /// Operator mTLS connections the fan-out spreads its calls over (0: one per
+    /// 200 agents, under the controller's 256 concurrent streams per connection).
+    #[arg(long, default_value_t = 0)]
+    fanout_channels: usize,
 }
 
 impl Args {
@@ -93,6 +125,9 @@ impl Args {
         }
         if self.hot_agents > 0 && self.rules.is_none() {
             bail!("--hot-agents needs --rules with a GPUHighTemperature rule");
+        }
+        if self.fanout_noop && self.fanout_rounds == 0 {
+            bail!("--fanout-rounds must be above zero");
         }
         Ok(())
     }
@@ -123,6 +158,32 @@ struct Report {
     alert_latency_p99_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     alert_latency_max_ms: Option<f64>,
+    /// With --fanout-noop.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    fanout: Option<FanoutReport>,
+}
+
+/// The fan-out figures. Latencies are from the operator's side; verification
+/// counts and cost are the simulated agents' own.
+#[derive(Debug, serde::Serialize)]
+struct FanoutReport {
+    rounds: usize,
+    fanout_channels: usize,
+    commands_ok: usize,
+    commands_failed: usize,
+    /// Per round, from issuing the first request to the last successful result;
+    /// percentiles over rounds.
+    fanout_last_result_p50_ms: Option<f64>,
+    fanout_last_result_p99_ms: Option<f64>,
+    fanout_last_result_max_ms: Option<f64>,
+    /// One ExecCommand call, request to response.
+    command_latency_p50_ms: Option<f64>,
+    command_latency_p99_ms: Option<f64>,
+    /// Envelopes the agents verified, how many failed, and the mean time one
+    /// verification (signature, version, key, target, validity) took.
+    envelopes_verified: usize,
+    verify_failures: usize,
+    verify_cost_us: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -218,7 +279,9 @@ fn make_pki(dir: &Path, agents: usize) -> Result<(TlsFiles, Vec<SimNode>)> {
 /// Connects the fleet, measures one window and collects every agent's report.
 /// Also returns how many batches were acknowledged over the whole run.
 async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_dir: &Path) -> Result<(Report, usize)> {
-    let fleet = Fleet::launch(args, format!("https://{}", controller.addr), nodes).await;
+    let key = controller.command_key().await?;
+    let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
+    let fleet = Fleet::launch(args, format!("https://{}", controller.addr), key, nodes).await;
     let start = Instant::now() + args.warmup;
     {
         // Hot agents cross the threshold at random moments of the window's first 80 %.
@@ -229,9 +292,17 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_di
     }
     sleep_until(start).await;
     let (cpu0, sim0) = (controller.cpu_seconds()?, cpu_seconds("self")?);
-    sleep_until(start + args.duration).await;
-    let (cpu1, sim1) = (controller.cpu_seconds()?, cpu_seconds("self")?);
-    let window = start..Instant::now();
+    // The fan-out runs inside the window, beside the telemetry load; it may outlast it.
+    let fanout =
+        async { if args.fanout_noop { Some(fanout_noop(args, controller, pki_dir, &ids).await) } else { None } };
+    let window = async {
+        sleep_until(start + args.duration).await;
+        (controller.cpu_seconds(), cpu_seconds("self"), Instant::now())
+    };
+    let (fanout, (cpu1, sim1, end)) = tokio::join!(fanout, window);
+    let (cpu1, sim1) = (cpu1?, sim1?);
+    let fanout = fanout.transpose()?;
+    let window = start..end;
     let (reports, mut errors) = fleet.finish((args.interval * 2).max(DRAIN)).await;
 
     let mut latencies = Vec::new();
@@ -274,6 +345,7 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_di
         alert_latency_p50_ms: percentile_ms(&alert_latencies, 0.50),
         alert_latency_p99_ms: percentile_ms(&alert_latencies, 0.99),
         alert_latency_max_ms: alert_latencies.last().map(|d| round3(d.as_secs_f64() * 1000.0)),
+        fanout: fanout.map(|f| f.report(&reports)),
     };
     if args.hot_agents > 0 && alert_latencies.len() < crossings.len() {
         eprintln!("{} of {} hot agents saw no alert fire", crossings.len() - alert_latencies.len(), crossings.len());
@@ -288,7 +360,6 @@ async fn alert_latencies(
     pki_dir: &Path,
     crossings: &HashMap<String, i64>,
 ) -> Result<Vec<Duration>> {
-    use flotilla_proto::pb::fleet_client::FleetClient;
     let admin =
         pki::leaf_paths(pki_dir, &Identity::Operator { name: "admin".into(), role: flotilla_common::Role::Admin });
     let tls = TlsFiles::from_pki_dir(pki_dir, &admin);
@@ -310,6 +381,108 @@ async fn alert_latencies(
     Ok(out)
 }
 
+/// What the operator side of the fan-out measured.
+struct Fanout {
+    channels: usize,
+    /// Per round: first request to last successful result.
+    rounds: Vec<Duration>,
+    /// Every successful call, request to response.
+    latencies: Vec<Duration>,
+    ok: usize,
+    failed: usize,
+}
+
+impl Fanout {
+    /// The report's figures, with the agents' verification counts.
+    fn report(mut self, agents: &[AgentReport]) -> FanoutReport {
+        self.rounds.sort_unstable();
+        self.latencies.sort_unstable();
+        let verified: usize = agents.iter().map(|r| r.verified).sum();
+        let spent: Duration = agents.iter().map(|r| r.verify_time).sum();
+        FanoutReport {
+            rounds: self.rounds.len(),
+            fanout_channels: self.channels,
+            commands_ok: self.ok,
+            commands_failed: self.failed,
+            fanout_last_result_p50_ms: percentile_ms(&self.rounds, 0.50),
+            fanout_last_result_p99_ms: percentile_ms(&self.rounds, 0.99),
+            fanout_last_result_max_ms: self.rounds.last().map(|d| round3(d.as_secs_f64() * 1000.0)),
+            command_latency_p50_ms: percentile_ms(&self.latencies, 0.50),
+            command_latency_p99_ms: percentile_ms(&self.latencies, 0.99),
+            envelopes_verified: verified,
+            verify_failures: agents.iter().map(|r| r.verify_failures).sum(),
+            verify_cost_us: (verified > 0).then(|| round3(spent.as_secs_f64() * 1e6 / verified as f64)),
+        }
+    }
+}
+
+/// Sends a signed `noop` to every node at once through the public Fleet API, as
+/// an admin operator, for --fanout-rounds rounds.
+async fn fanout_noop(args: &Args, controller: &Controller, pki_dir: &Path, nodes: &[NodeId]) -> Result<Fanout> {
+    let admin =
+        pki::leaf_paths(pki_dir, &Identity::Operator { name: "admin".into(), role: flotilla_common::Role::Admin });
+    let tls = TlsFiles::from_pki_dir(pki_dir, &admin);
+    let url = format!("https://{}", controller.addr);
+    let wanted = if args.fanout_channels == 0 { nodes.len().div_ceil(CALLS_PER_CHANNEL) } else { args.fanout_channels };
+    let mut channels = Vec::with_capacity(wanted);
+    for _ in 0..wanted.max(1) {
+        let channel = client::endpoint(&url, &tls)?.connect().await.map_err(|e| anyhow!(client::describe(&e)))?;
+        channels.push(channel);
+    }
+    let mut out = Fanout { channels: channels.len(), rounds: Vec::new(), latencies: Vec::new(), ok: 0, failed: 0 };
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for round in 1..=args.fanout_rounds {
+        if round > 1 {
+            tokio::time::sleep(args.fanout_pause).await;
+        }
+        let (began, mut calls) = (Instant::now(), JoinSet::new());
+        for (i, node) in nodes.iter().enumerate() {
+            calls.spawn(exec_noop(channels[i % channels.len()].clone(), node.to_string()));
+        }
+        let (mut last, mut ok) = (None, 0);
+        while let Some(joined) = calls.join_next().await {
+            match joined.map_err(|e| format!("call task: {e}")).and_then(|r| r) {
+                Ok((latency, done)) => {
+                    ok += 1;
+                    out.latencies.push(latency);
+                    last = last.max(Some(done));
+                }
+                Err(e) => {
+                    out.failed += 1;
+                    *errors.entry(e).or_default() += 1;
+                }
+            }
+        }
+        out.ok += ok;
+        let took = last.map(|at| at - began);
+        out.rounds.extend(took);
+        let ms = took.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+        eprintln!("fan-out round {round}: {ok} of {} noops succeeded; last result after {ms:.1} ms", nodes.len());
+    }
+    for (message, count) in &errors {
+        eprintln!("fan-out error x{count}: {message}");
+    }
+    Ok(out)
+}
+
+/// One `noop` ExecCommand: its latency and when it ended, or why it failed
+/// (without the node id, so that one failure of many nodes is counted once).
+async fn exec_noop(channel: Channel, node: String) -> Result<(Duration, Instant), String> {
+    let mut fleet = FleetClient::new(channel);
+    let request = pb::ExecCommandRequest { node_id: node.clone(), command: "noop".into(), ..Default::default() };
+    let sent = Instant::now();
+    let response = match timeout(EXEC_TIMEOUT, fleet.exec_command(request)).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(status)) => return Err(format!("{:?}: {}", status.code(), status.message().replace(&node, "NODE"))),
+        Err(_) => return Err(format!("no answer within {}s", EXEC_TIMEOUT.as_secs())),
+    };
+    let done = Instant::now();
+    match response.status() {
+        pb::CommandStatus::Succeeded => Ok((done - sent, done)),
+        other => Err(format!("{}: {}", other.as_str_name(), response.detail.replace(&node, "NODE"))),
+    }
+}
+
 /// The running simulated agents.
 struct Fleet {
     /// When each agent (by index) makes its GPU 0 hot; `None`: never.
@@ -321,9 +494,10 @@ struct Fleet {
 
 impl Fleet {
     /// Spawns every agent and waits until each has connected or failed to.
-    async fn launch(args: &Args, url: String, nodes: Vec<SimNode>) -> Self {
+    async fn launch(args: &Args, url: String, command_key: PinnedKey, nodes: Vec<SimNode>) -> Self {
         let plan = Arc::new(Plan {
             url,
+            command_key,
             gpus: args.gpus_per_agent,
             interval: args.interval,
             agents: args.agents,
@@ -398,6 +572,8 @@ fn round3(x: f64) -> f64 {
 /// What every agent shares.
 struct Plan {
     url: String,
+    /// The controller's public command key, pinned as a real agent pins it.
+    command_key: PinnedKey,
     gpus: u32,
     interval: Duration,
     agents: usize,
@@ -430,6 +606,13 @@ struct AgentReport {
     node: String,
     /// `created_unix_ms` of the first batch with GPU 0 hot.
     crossed_unix_ms: Option<i64>,
+    /// Signed envelopes checked, those refused, and the time spent checking.
+    verified: usize,
+    verify_failures: usize,
+    verify_time: Duration,
+    /// Results of the commands received, by id: a resent command gets its result
+    /// again, as from the real agent's store of seen ids.
+    results: HashMap<CommandId, pb::CommandResult>,
 }
 
 async fn agent(index: usize, node: SimNode, ctl: AgentCtl) -> AgentReport {
@@ -445,7 +628,7 @@ async fn agent(index: usize, node: SimNode, ctl: AgentCtl) -> AgentReport {
     };
     let _ = ctl.connected.send(opened.is_ok()).await;
     let result = match opened {
-        Ok((tx, inbound)) => stream(index, tx, inbound, &ctl, &mut report).await,
+        Ok((tx, inbound)) => stream(index, &node.id, tx, inbound, &ctl, &mut report).await,
         Err(e) => Err(e.context("connect")),
     };
     if let Err(e) = result {
@@ -479,6 +662,7 @@ async fn open(index: usize, node: &SimNode, plan: &Plan) -> Result<(Outbox, Stre
 /// Sends a batch and a heartbeat every interval and matches acks to batches.
 async fn stream(
     index: usize,
+    me: &NodeId,
     tx: Outbox,
     mut inbound: Streaming<pb::ControllerMessage>,
     ctl: &AgentCtl,
@@ -527,10 +711,80 @@ async fn stream(
                     }
                     if !sending && report.pending.is_empty() { return Ok(()) }
                 }
+                Some(pb::ControllerMessage { body: Some(Down::Command(signed)) }) => {
+                    let result = answer(signed, me, &plan.command_key, report);
+                    send(&tx, Up::CommandResult(result)).await?;
+                }
                 Some(_) => {}
                 None => bail!("the controller closed the stream"),
             },
         }
+    }
+}
+
+/// Answers a signed command as the real agent does (its `Gate` and executor):
+/// nothing in the envelope is used before it verifies against the pinned key for
+/// this node within its validity; then `noop` succeeds with the agent's own result
+/// and any other command fails unexecuted, since the simulator has no host.
+fn answer(signed: pb::SignedCommand, me: &NodeId, key: &PinnedKey, report: &mut AgentReport) -> pb::CommandResult {
+    let signed = SignedEnvelope { bytes: signed.envelope, signature: signed.signature };
+    let began = std::time::Instant::now();
+    let verified = key.verify::<Command>(&signed, me, now_unix_ms(), |_| false);
+    report.verify_time += began.elapsed();
+    report.verified += 1;
+    let envelope = match verified {
+        Ok(envelope) => envelope,
+        Err(refusal) => {
+            report.verify_failures += 1;
+            let id = untrusted_id(&signed);
+            return command_result(id, CommandStatus::Refused, refusal.to_string(), &serde_json::json!({}));
+        }
+    };
+    if let Some(stored) = report.results.get(&envelope.id) {
+        return stored.clone();
+    }
+    let result = match envelope.payload {
+        Command::Noop => command_result(
+            Some(envelope.id),
+            CommandStatus::Succeeded,
+            "noop".into(),
+            &serde_json::json!({ "noop": true }),
+        ),
+        other => command_result(
+            Some(envelope.id),
+            CommandStatus::Failed,
+            format!("the fleet simulator executes only noop; {} was not run", other.name()),
+            &serde_json::json!({}),
+        ),
+    };
+    report.results.insert(envelope.id, result.clone());
+    result
+}
+
+/// The id of an envelope that failed verification, read without trusting it, so
+/// that the refusal reaches the operator who sent it (as the real agent does).
+fn untrusted_id(signed: &SignedEnvelope) -> Option<CommandId> {
+    let body = signed.bytes.get(2..)?;
+    postcard::from_bytes::<Envelope<Command>>(body).ok().map(|e| e.id)
+}
+
+/// The result message exactly as the real agent's uplink builds it.
+fn command_result(
+    id: Option<CommandId>,
+    status: CommandStatus,
+    detail: String,
+    output: &serde_json::Value,
+) -> pb::CommandResult {
+    let status = match status {
+        CommandStatus::Succeeded => pb::CommandStatus::Succeeded,
+        CommandStatus::Failed => pb::CommandStatus::Failed,
+        CommandStatus::Refused => pb::CommandStatus::Refused,
+    };
+    pb::CommandResult {
+        command_id: id.map(|id| id.as_bytes().to_vec()).unwrap_or_default(),
+        status: status.into(),
+        detail,
+        output_json: output.to_string(),
     }
 }
 
@@ -645,6 +899,7 @@ struct Controller {
     pid: u32,
     addr: std::net::SocketAddr,
     log: PathBuf,
+    data_dir: PathBuf,
 }
 
 impl Controller {
@@ -656,8 +911,9 @@ impl Controller {
             std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("find a free port")?;
         let log = dir.join("controller.log");
         let file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+        let data_dir = dir.join("controller");
         let mut cmd = tokio::process::Command::new(bin);
-        cmd.arg("--listen").arg(addr.to_string()).arg("--data-dir").arg(dir.join("controller"));
+        cmd.arg("--listen").arg(addr.to_string()).arg("--data-dir").arg(&data_dir);
         cmd.arg("--ca").arg(&tls.ca).arg("--cert").arg(&tls.cert).arg("--key").arg(&tls.key);
         if let Some(rules) = rules {
             // Every agent connects before the window: no restart grace is needed.
@@ -676,7 +932,7 @@ impl Controller {
         cmd.stdin(Stdio::null()).stdout(Stdio::from(file.try_clone()?)).stderr(Stdio::from(file));
         let child = cmd.kill_on_drop(true).spawn().with_context(|| format!("start {}", bin.display()))?;
         let pid = child.id().context("the controller exited at once")?;
-        let mut controller = Self { child, pid, addr, log };
+        let mut controller = Self { child, pid, addr, log, data_dir };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -689,6 +945,20 @@ impl Controller {
                 bail!("the controller did not listen on {addr} within {READY_TIMEOUT:?}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The public command key the controller writes to its data dir, which every
+    /// agent pins. The controller listens before it writes the key, so wait for it.
+    async fn command_key(&self) -> Result<PinnedKey> {
+        let path = self.data_dir.join("command-signing.pub");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match PinnedKey::load(&path) {
+                Ok(key) => return Ok(key),
+                Err(e) if Instant::now() > deadline => return Err(e).context("the controller's command key"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         }
     }
 
@@ -777,5 +1047,46 @@ fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
     unsafe {
         libc::kill(pid, sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_common::envelope::{CommandKey, DEFAULT_TTL};
+
+    use super::*;
+
+    fn signed(key: &CommandKey, target: &str, command: Command) -> (CommandId, pb::SignedCommand) {
+        let id = CommandId::new();
+        let s = key.sign(id, &NodeId::new(target).unwrap(), command, DEFAULT_TTL, now_unix_ms()).unwrap();
+        (id, pb::SignedCommand { envelope: s.bytes, signature: s.signature })
+    }
+
+    #[test]
+    fn commands_are_answered_like_the_real_agent_after_verification() {
+        let key = CommandKey::generate();
+        let me = NodeId::new("sim-0001").unwrap();
+        let mut report = AgentReport::default();
+
+        let (id, noop) = signed(&key, "sim-0001", Command::Noop);
+        let ok = answer(noop.clone(), &me, &key.public(), &mut report);
+        assert_eq!(ok.command_id, id.as_bytes().to_vec());
+        assert_eq!(ok.status(), pb::CommandStatus::Succeeded);
+        assert_eq!((ok.detail.as_str(), ok.output_json.as_str()), ("noop", r#"{"noop":true}"#));
+        assert_eq!(answer(noop, &me, &key.public(), &mut report), ok, "a resend gets the same result");
+
+        let (id, other) = signed(&key, "sim-0002", Command::Noop);
+        let refused = answer(other, &me, &key.public(), &mut report);
+        assert_eq!(refused.status(), pb::CommandStatus::Refused);
+        assert_eq!(refused.command_id, id.as_bytes().to_vec(), "the refusal reaches its sender");
+        assert!(refused.detail.contains("targets node sim-0002"), "{}", refused.detail);
+
+        let (_, forged) = signed(&CommandKey::generate(), "sim-0001", Command::Noop);
+        assert!(answer(forged, &me, &key.public(), &mut report).detail.contains("signature"));
+
+        let (_, logs) = signed(&key, "sim-0001", Command::Logs { container: "c".into(), tail: 1 });
+        let failed = answer(logs, &me, &key.public(), &mut report);
+        assert_eq!(failed.status(), pb::CommandStatus::Failed);
+        assert_eq!((report.verified, report.verify_failures), (5, 2));
     }
 }
