@@ -13,7 +13,8 @@ use std::sync::Arc;
 use flotilla_common::NodeId;
 use flotilla_common::command::{Command, CommandStatus};
 use flotilla_common::envelope::{CommandId, PinnedKey, Refusal, SignedEnvelope};
-use flotilla_common::model::GpuInfo;
+use flotilla_common::logging::RecentEvents;
+use flotilla_common::model::{ContainerReport, GpuInfo};
 use flotilla_common::time::now_unix_ms;
 
 use crate::runtime::DockerRuntime;
@@ -27,11 +28,22 @@ pub struct Outcome {
     pub status: CommandStatus,
     pub detail: String,
     pub output: serde_json::Value,
+    /// The managed containers as listed right after a command that may have
+    /// changed them (deploy, stop, restart, drain); sent to the controller
+    /// before the result, so an operator who reads the node after the result
+    /// sees the change. Not stored with the result.
+    pub containers: Option<ContainerReport>,
 }
 
 impl Outcome {
     fn refused(id: Option<CommandId>, reason: impl Into<String>) -> Self {
-        Self { id, status: CommandStatus::Refused, detail: reason.into(), output: serde_json::json!({}) }
+        Self {
+            id,
+            status: CommandStatus::Refused,
+            detail: reason.into(),
+            output: serde_json::json!({}),
+            containers: None,
+        }
     }
 }
 
@@ -40,6 +52,8 @@ impl Outcome {
 pub struct Host {
     pub gpus: Vec<GpuInfo>,
     pub runtime: Arc<DockerRuntime>,
+    /// The agent's own recent warnings and errors, for diagnostics.
+    pub recent: RecentEvents,
 }
 
 /// The verification half: decides whether an envelope may run.
@@ -85,6 +99,7 @@ impl Gate {
                     status: stored.status,
                     detail: stored.detail,
                     output: stored.output,
+                    containers: None,
                 },
                 None => Outcome::refused(Some(envelope.id), Refusal::Replayed(envelope.id).to_string()),
             });
@@ -121,9 +136,24 @@ fn untrusted_id(signed: &SignedEnvelope) -> Option<CommandId> {
 pub async fn execute(host: &Host, id: CommandId, command: Command) -> Outcome {
     let name = command.name();
     tracing::info!(command_id = %id, command = name, "executing signed command");
+    let changes_containers = matches!(
+        command,
+        Command::Deploy { .. } | Command::Stop { .. } | Command::Restart { .. } | Command::Drain { .. }
+    );
     let (status, detail, output) = run::run(host, command).await;
-    tracing::info!(command_id = %id, command = name, status = status.as_str(), %detail, "command finished");
-    Outcome { id: Some(id), status, detail, output }
+    if status == CommandStatus::Succeeded {
+        tracing::info!(command_id = %id, command = name, %detail, "command finished");
+    } else {
+        // A warning, so that it lands among the recent errors diagnostics report.
+        tracing::warn!(command_id = %id, command = name, status = status.as_str(), %detail, "command failed");
+    }
+    // Listed whether it succeeded or not: a failed deploy may still leave a container behind.
+    let containers = if changes_containers {
+        Some(crate::containers::report(host.runtime.as_ref(), crate::containers::LIST_TIMEOUT).await)
+    } else {
+        None
+    };
+    Outcome { id: Some(id), status, detail, output, containers }
 }
 
 #[cfg(test)]
@@ -202,6 +232,7 @@ mod tests {
                 status: CommandStatus::Succeeded,
                 detail: "done".into(),
                 output: serde_json::json!({"x": 1}),
+                containers: None,
             });
             assert!(matches!(g.admit(&crashed), Admission::Run { .. }), "admitted, then the agent dies mid-run");
         }

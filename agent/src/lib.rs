@@ -8,6 +8,7 @@
 pub mod buffer;
 pub mod collector;
 pub mod config;
+pub mod containers;
 pub mod executor;
 pub mod gpu;
 pub mod host;
@@ -116,6 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let command_host = executor::Host {
         gpus: inventory.gpus.clone(),
         runtime: std::sync::Arc::new(runtime::DockerRuntime::new(config.runtime.clone())),
+        recent: flotilla_common::logging::RecentEvents::global().clone(),
     };
     let uplink = uplink::Uplink::new(
         node,

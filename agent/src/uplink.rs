@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use flotilla_common::NodeId;
-use flotilla_common::model::{Inventory, TelemetryBatch};
+use flotilla_common::model::{ContainerReport, Inventory, TelemetryBatch};
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::pb::agent_message::Body as Up;
 use flotilla_proto::pb::agent_service_client::AgentServiceClient;
@@ -82,6 +82,9 @@ pub struct Uplink {
     simulation: Option<crate::gpu::simulated::SimHandle>,
     /// Signed commands: verification, execution and results on their way back.
     commands: Commands,
+    /// The container report last sent to the controller (kept across links,
+    /// so that a runtime going away or coming back is logged once).
+    reported: Option<ContainerReport>,
 }
 
 /// The command path of the uplink.
@@ -139,6 +142,7 @@ impl Uplink {
                 let (results_tx, results_rx) = mpsc::channel(64);
                 Commands { gate: durable.gate, host: durable.host, results_tx, results_rx, unsent: VecDeque::new() }
             },
+            reported: None,
         })
     }
 
@@ -261,11 +265,19 @@ impl Uplink {
             .max_decoding_message_size(4 * 1024 * 1024)
             .max_encoding_message_size(4 * 1024 * 1024);
         let (tx, rx) = mpsc::channel(256);
+        // Listed afresh on every connect: after a restart this is how the
+        // controller learns which containers the agent re-found by label.
+        let containers =
+            crate::containers::report(self.commands.host.runtime.as_ref(), crate::containers::LIST_TIMEOUT).await;
+        self.note_runtime(&containers);
+        let mut inventory = pb::Inventory::from(self.inventory.clone());
+        inventory.containers = Some(containers.clone().into());
+        self.reported = Some(containers);
         let hello = pb::AgentMessage {
             body: Some(Up::Hello(pb::Hello {
                 protocol_version: PROTOCOL_VERSION,
                 node_id: self.node.to_string(),
-                inventory: Some(self.inventory.clone().into()),
+                inventory: Some(inventory),
                 heartbeat_interval_ms: u32::try_from(self.heartbeat.as_millis()).unwrap_or(u32::MAX),
             })),
         };
@@ -329,7 +341,9 @@ impl Uplink {
                 return LinkEnd::Broken(reason);
             }
         }
-        while let Some(outcome) = self.commands.unsent.pop_front() {
+        while let Some(mut outcome) = self.commands.unsent.pop_front() {
+            // Listed before this link's hello, which carried a fresher list.
+            outcome.containers = None;
             if let Err(reason) = self.send_result(&link, &outcome).await {
                 self.commands.unsent.push_front(outcome);
                 return LinkEnd::Broken(reason);
@@ -427,7 +441,40 @@ impl Uplink {
         }
     }
 
+    /// Sends `report` if it says something new; an older listing than the one
+    /// last sent (a slow listing overtaken by a later one) is dropped.
+    async fn offer_containers(&mut self, link: &Link, report: &ContainerReport) -> Result<(), String> {
+        if let Some(last) = &self.reported
+            && (report.listed_unix_ms < last.listed_unix_ms || report.same_as(last))
+        {
+            return Ok(());
+        }
+        self.note_runtime(report);
+        self.reported = Some(report.clone());
+        let msg = pb::AgentMessage { body: Some(Up::Containers(report.clone().into())) };
+        self.send_msg(link, msg).await
+    }
+
+    /// Logs the container runtime going away or coming back, once each time.
+    fn note_runtime(&self, report: &ContainerReport) {
+        let before = self.reported.as_ref().map(|r| r.runtime_error.is_some());
+        match (&report.runtime_error, before) {
+            (Some(error), None | Some(false)) => {
+                tracing::info!(%error, "container runtime unavailable; reporting no containers");
+            }
+            (None, Some(true)) => {
+                tracing::info!(containers = report.containers.len(), "container runtime reachable again");
+            }
+            _ => {}
+        }
+    }
+
     async fn send_result(&mut self, link: &Link, outcome: &Outcome) -> Result<(), String> {
+        // The containers first: the controller holds them by the time the
+        // operator gets the result.
+        if let Some(report) = &outcome.containers {
+            self.offer_containers(link, report).await?;
+        }
         self.commands.gate.finish(outcome);
         let status = match outcome.status {
             CommandStatus::Succeeded => pb::CommandStatus::Succeeded,

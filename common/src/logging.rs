@@ -1,6 +1,12 @@
 //! Tracing setup shared by the daemons and flotctl.
 
-use tracing_subscriber::EnvFilter;
+mod recent;
+
+pub use recent::{RecentEvent, RecentEvents, RecentEventsLayer};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -25,16 +31,21 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// Installs the global subscriber. `default_filter` applies when `RUST_LOG` is unset.
-/// Logs go to stderr so that stdout stays clean for command output.
+/// Logs go to stderr so that stdout stays clean for command output. WARN and
+/// ERROR events are also kept in [`RecentEvents::global`] (whatever `RUST_LOG`
+/// says), for the agent's diagnostics.
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // A second init (tests, the in-process demo) is harmless: keep the first.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    // A second init (tests, the in-process demo) is harmless: keep the first.
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(RecentEvents::global().layer().with_filter(LevelFilter::WARN))
+        .try_init();
 }

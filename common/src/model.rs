@@ -49,6 +49,57 @@ pub struct Inventory {
     pub agent_version: String,
 }
 
+/// The containers an agent manages, as it last listed them. Kept apart from
+/// [`Inventory`] (which the controller stores) because it is live state: the
+/// agent reports it again on every connect and whenever it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ContainerReport {
+    /// Ordered by name.
+    pub containers: Vec<Container>,
+    /// Why the runtime could not be asked, when it could not; the list is then
+    /// unknown rather than empty.
+    pub runtime_error: Option<String>,
+    /// When the agent listed them.
+    pub listed_unix_ms: i64,
+}
+
+impl ContainerReport {
+    /// Whether `other` says the same about the containers (the listing time aside).
+    pub fn same_as(&self, other: &ContainerReport) -> bool {
+        self.containers == other.containers && self.runtime_error == other.runtime_error
+    }
+}
+
+/// One managed container.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Container {
+    pub name: String,
+    /// The engine's id, shortened to [`Container::SHORT_ID_LEN`] hex digits.
+    pub id: String,
+    pub image: String,
+    /// The engine's state name: created, running, paused, restarting, removing,
+    /// exited, dead or unknown.
+    pub state: String,
+    /// starting, healthy or unhealthy; `None` without a health check.
+    pub health: Option<String>,
+    /// The `flotilla.deployment` label.
+    pub deployment: Option<String>,
+    /// The `flotilla.revision` label.
+    pub revision: Option<String>,
+    /// When the engine created it.
+    pub created_unix_ms: Option<i64>,
+}
+
+impl Container {
+    /// How many hex digits of the engine's id are kept (as `docker ps` shows).
+    pub const SHORT_ID_LEN: usize = 12;
+    /// The state names a container may report.
+    pub const STATES: [&'static str; 8] =
+        ["created", "running", "paused", "restarting", "removing", "exited", "dead", "unknown"];
+    /// The health names a container may report.
+    pub const HEALTHS: [&'static str; 3] = ["starting", "healthy", "unhealthy"];
+}
+
 /// One GPU in the inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct GpuInfo {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use flotilla_common::NodeId;
-use flotilla_common::model::{Inventory, TelemetryBatch};
+use flotilla_common::model::{ContainerReport, Inventory, TelemetryBatch};
 
 use crate::store::{Store, StoreError};
 
@@ -14,6 +14,10 @@ use crate::store::{Store, StoreError};
 pub struct NodeLatest {
     pub inventory: Inventory,
     pub latest: Option<TelemetryBatch>,
+    /// The containers the agent last reported. In memory only: every agent
+    /// reports them again when it connects, so after a controller restart a
+    /// node shows none until it is back.
+    pub containers: Option<ContainerReport>,
 }
 
 /// Shared, cheap to clone.
@@ -39,7 +43,7 @@ impl FleetView {
             let mut map = view.write();
             for record in store.nodes()? {
                 let latest = store.latest_batch(&record.id)?;
-                map.insert(record.id, NodeLatest { inventory: record.inventory, latest });
+                map.insert(record.id, NodeLatest { inventory: record.inventory, latest, containers: None });
             }
         }
         Ok(view)
@@ -48,6 +52,17 @@ impl FleetView {
     /// Records a node's inventory (on hello).
     pub fn set_inventory(&self, node: &NodeId, inventory: Inventory) {
         self.write().entry(node.clone()).or_default().inventory = inventory;
+    }
+
+    /// Records the containers a node reported (on hello, `None` from an agent
+    /// that does not report them, and on every change).
+    pub fn set_containers(&self, node: &NodeId, containers: Option<ContainerReport>) {
+        self.write().entry(node.clone()).or_default().containers = containers;
+    }
+
+    /// A copy of the containers a node last reported.
+    pub fn containers(&self, node: &NodeId) -> Option<ContainerReport> {
+        self.read().get(node).and_then(|n| n.containers.clone())
     }
 
     /// Records a committed batch if it is newer than what is known; returns

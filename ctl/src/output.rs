@@ -47,6 +47,45 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<HostView>,
+    /// The managed containers the agent last reported (in `nodes show`); absent
+    /// when it has reported none since the controller started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containers: Option<Vec<ContainerView>>,
+    /// Why the agent could not list its containers, when it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_runtime_error: Option<String>,
+}
+
+/// One managed container in `nodes show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerView {
+    pub name: String,
+    /// The engine's id, short form.
+    pub id: String,
+    pub image: String,
+    /// created, running, paused, restarting, removing, exited, dead or unknown.
+    pub state: String,
+    /// starting, healthy or unhealthy; null without a health check.
+    pub health: Option<String>,
+    pub deployment: Option<String>,
+    pub revision: Option<String>,
+    pub created_unix_ms: Option<i64>,
+}
+
+impl ContainerView {
+    fn from_wire(c: pb::Container) -> Self {
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        ContainerView {
+            name: c.name,
+            id: c.id,
+            image: c.image,
+            state: c.state,
+            health: some(c.health),
+            deployment: some(c.deployment),
+            revision: some(c.revision),
+            created_unix_ms: (c.created_unix_ms > 0).then_some(c.created_unix_ms),
+        }
+    }
 }
 
 /// One GPU: inventory and its latest sample.
@@ -176,6 +215,9 @@ impl NodeView {
             }
         });
         let state = pb::NodeState::try_from(node.state).unwrap_or(pb::NodeState::Unspecified);
+        let report = inv.containers.clone().filter(|_| detail);
+        let container_runtime_error = report.as_ref().map(|r| r.runtime_error.clone()).filter(|e| !e.is_empty());
+        let containers = report.map(|r| r.containers.into_iter().map(ContainerView::from_wire).collect());
         NodeView {
             id: node.id,
             state: state_name(state).to_owned(),
@@ -191,6 +233,8 @@ impl NodeView {
             last_seen_unix_ms: node.last_seen_unix_ms,
             labels: inv.labels.into_iter().collect(),
             host,
+            containers,
+            container_runtime_error,
         }
     }
 }

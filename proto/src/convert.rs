@@ -11,6 +11,8 @@ use flotilla_common::model::{
 
 use crate::pb;
 
+mod containers;
+
 /// Bounds on what one message may carry. Generous for real hosts (a DGX has 8
 /// GPUs, a big host a few hundred mounts), tight enough that one agent cannot
 /// exhaust the controller's memory.
@@ -190,6 +192,8 @@ impl From<Inventory> for pb::Inventory {
             labels: d.labels.into_iter().collect(),
             agent_version: d.agent_version,
             gpu_source: d.gpu_source.as_str().to_owned(),
+            // Live state, not part of the stored inventory: the caller adds it.
+            containers: None,
         }
     }
 }

@@ -390,6 +390,13 @@ pub fn flotctl_as(ca: &Path, cert: &CertPaths, controller: &str, args: &[&str]) 
     cmd.output().expect("run flotctl")
 }
 
+/// A command's stdout as JSON; a test failure showing stdout and stderr if it is not.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
 /// `flotctl nodes ls -o json`, parsed; `Err` carries stderr.
 pub fn nodes(pki: &Pki, controller: &str) -> Result<Vec<serde_json::Value>, String> {
     let out = flotctl(pki, controller, &["nodes", "ls", "-o", "json"]);

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use flotilla_tests::{
-    Agent, AgentOpts, ContainerCleanup, Controller, Pki, eventually_within, flotctl, free_port, http_get,
+    Agent, AgentOpts, ContainerCleanup, Controller, Pki, eventually_within, flotctl, free_port, http_get, json,
     standin_image, wait_state,
 };
 
@@ -34,12 +34,6 @@ fn chat(addr: &str) -> u16 {
     let mut raw = String::new();
     let _ = s.read_to_string(&mut raw);
     raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
-}
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-    })
 }
 
 #[test]

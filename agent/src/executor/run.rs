@@ -217,7 +217,13 @@ async fn diagnostics(host: &Host, log_lines: u32) -> Done {
     (
         CommandStatus::Succeeded,
         "diagnostics collected".into(),
-        json!({ "gpus": gpus, "filesystems": disks, "containers": containers }),
+        json!({
+            "gpus": gpus,
+            "filesystems": disks,
+            "containers": containers,
+            // The agent's own last WARN and ERROR events, oldest first.
+            "recent_agent_errors": host.recent.snapshot(),
+        }),
     )
 }
 

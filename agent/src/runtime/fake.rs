@@ -149,6 +149,7 @@ impl Runtime for FakeRuntime {
             error: None,
             ports,
             labels,
+            created_unix_ms: Some(1_700_000_000_000),
         };
         run(&mut info, spec.health.is_some());
         state.containers.insert(name, info.clone());

@@ -36,6 +36,8 @@ pub struct ContainerInfo {
     pub ports: Vec<BoundPort>,
     /// Every label, the agent's included.
     pub labels: BTreeMap<String, String>,
+    /// When the engine created it (`None` when the engine's time does not parse).
+    pub created_unix_ms: Option<i64>,
 }
 
 impl ContainerInfo {
@@ -92,8 +94,17 @@ impl ContainerInfo {
             error,
             ports,
             labels,
+            created_unix_ms: c.created.as_deref().and_then(unix_ms_from_rfc3339),
         }
     }
+}
+
+/// The engine's RFC 3339 creation time (`2025-05-01T10:11:12.123456789Z`) in
+/// milliseconds since the Unix epoch.
+fn unix_ms_from_rfc3339(s: &str) -> Option<i64> {
+    let at = humantime::parse_rfc3339(s).ok()?;
+    let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(since.as_millis()).ok()
 }
 
 /// `8000/tcp` → (8000, tcp).
@@ -246,6 +257,7 @@ mod tests {
         let raw = ContainerInspectResponse {
             id: Some("abc".into()),
             name: Some("/llama-3".into()),
+            created: Some("2025-05-01T10:11:12.123456789Z".into()),
             state: Some(EngineState {
                 status: Some(ContainerStateStatusEnum::EXITED),
                 exit_code: Some(137),
@@ -266,5 +278,7 @@ mod tests {
         assert_eq!(info.ports.len(), 2);
         assert_eq!(info.host_port(8000), Some(49153));
         assert_eq!(info.host_port(9000), None);
+        assert_eq!(info.created_unix_ms, Some(1_746_094_272_123));
+        assert_eq!(unix_ms_from_rfc3339("yesterday"), None);
     }
 }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use flotilla_common::NodeId;
-use flotilla_common::model::{Inventory, TelemetryBatch};
+use flotilla_common::model::{ContainerReport, Inventory, TelemetryBatch};
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::pb::agent_message::Body as Up;
 use flotilla_proto::pb::agent_service_server::AgentService;
@@ -53,7 +53,7 @@ impl AgentService for AgentApi {
         let mut inbound = request.into_inner();
 
         let hello = read_hello(&mut inbound, self.ctx.config.agents.hello_timeout).await?;
-        let (inventory, interval) = check_hello(&self.ctx, &cert_node, hello)?;
+        let (inventory, containers, interval) = check_hello(&self.ctx, &cert_node, hello)?;
 
         // Save the inventory durably before welcoming the agent.
         let store = self.ctx.store.clone();
@@ -71,6 +71,7 @@ impl AgentService for AgentApi {
 
         let (down_tx, down_rx) = mpsc::channel(64);
         self.ctx.view.set_inventory(&cert_node, record.inventory.clone());
+        self.ctx.view.set_containers(&cert_node, containers);
         let session = self.ctx.registry.open(&cert_node, peer, interval, &self.ctx.shutdown, down_tx);
         let (out_tx, out_rx) = mpsc::channel(64);
         let welcome = pb::ControllerMessage {
@@ -113,7 +114,11 @@ async fn read_hello(inbound: &mut Streaming<pb::AgentMessage>, timeout: Duration
 }
 
 /// Validates the hello against the certificate and the policy.
-fn check_hello(ctx: &Context, cert_node: &NodeId, hello: pb::Hello) -> Result<(Inventory, Duration), Status> {
+fn check_hello(
+    ctx: &Context,
+    cert_node: &NodeId,
+    hello: pb::Hello,
+) -> Result<(Inventory, Option<ContainerReport>, Duration), Status> {
     if hello.protocol_version != PROTOCOL_VERSION {
         tracing::warn!(version = hello.protocol_version, "refused agent: unsupported protocol version");
         return Err(Status::failed_precondition(format!(
@@ -128,10 +133,10 @@ fn check_hello(ctx: &Context, cert_node: &NodeId, hello: pb::Hello) -> Result<(I
             hello.node_id
         )));
     }
-    let inventory = hello
-        .inventory
-        .ok_or_else(|| Status::invalid_argument("hello carries no inventory"))
-        .and_then(|inv| Inventory::try_from(inv).map_err(|e| invalid(cert_node, &e)))?;
+    let mut inventory = hello.inventory.ok_or_else(|| Status::invalid_argument("hello carries no inventory"))?;
+    let containers =
+        inventory.containers.take().map(ContainerReport::try_from).transpose().map_err(|e| invalid(cert_node, &e))?;
+    let inventory = Inventory::try_from(inventory).map_err(|e| invalid(cert_node, &e))?;
     let policy = &ctx.config.agents;
     let interval = Duration::from_millis(u64::from(hello.heartbeat_interval_ms));
     if interval < policy.min_heartbeat_interval || interval > policy.max_heartbeat_interval {
@@ -142,7 +147,7 @@ fn check_hello(ctx: &Context, cert_node: &NodeId, hello: pb::Hello) -> Result<(I
             policy.max_heartbeat_interval.as_millis()
         )));
     }
-    Ok((inventory, interval))
+    Ok((inventory, containers, interval))
 }
 
 fn to_wire(down: Downlink) -> pb::ControllerMessage {
@@ -239,6 +244,12 @@ impl StreamSession {
             Some(Up::Hello(_)) => Err(Status::failed_precondition("hello may be sent only once per stream")),
             Some(Up::CommandResult(result)) => {
                 self.on_command_result(result);
+                Ok(())
+            }
+            Some(Up::Containers(report)) => {
+                let report = ContainerReport::try_from(report).map_err(|e| invalid(&self.node, &e))?;
+                tracing::debug!(containers = report.containers.len(), "agent reported its containers");
+                self.ctx.view.set_containers(&self.node, Some(report));
                 Ok(())
             }
             None => Err(Status::invalid_argument("empty agent message")),

@@ -43,11 +43,13 @@ impl FleetApi {
         let (state, reason) =
             node_state(session.as_ref(), latest.as_ref(), Instant::now(), self.ctx.config.agents.missed_heartbeats);
         let last_seen = session.as_ref().map_or(record.last_seen_unix_ms, |s| unix_ms_at(s.last_heard));
+        let mut inventory = pb::Inventory::from(record.inventory);
+        inventory.containers = self.ctx.view.containers(&record.id).map(Into::into);
         pb::Node {
             id: record.id.to_string(),
             state: pb::NodeState::from(state).into(),
             state_reason: reason,
-            inventory: Some(record.inventory.into()),
+            inventory: Some(inventory),
             first_seen_unix_ms: record.first_seen_unix_ms,
             last_seen_unix_ms: last_seen,
             latest: latest.map(Into::into),

@@ -97,7 +97,34 @@ fn show_text(n: &NodeView, now: i64) -> String {
         out.push_str("\n\n");
         out.push_str(&health_table(&n.gpus));
     }
+    out.push_str(&containers_text(n, now));
     out
+}
+
+/// The managed containers, when the agent has reported them.
+fn containers_text(n: &NodeView, now: i64) -> String {
+    if let Some(error) = &n.container_runtime_error {
+        return format!("\nContainers: unknown (container runtime unavailable: {error})\n");
+    }
+    let Some(containers) = &n.containers else { return String::new() };
+    if containers.is_empty() {
+        return "\nContainers: none\n".to_owned();
+    }
+    let mut t = output::table(&["CONTAINER", "STATE", "HEALTH", "DEPLOYMENT", "REVISION", "IMAGE", "ID", "CREATED"]);
+    for c in containers {
+        let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+        t.add_row(vec![
+            c.name.clone(),
+            c.state.clone(),
+            or_dash(&c.health),
+            or_dash(&c.deployment),
+            or_dash(&c.revision),
+            c.image.clone(),
+            c.id.clone(),
+            c.created_unix_ms.map_or_else(|| "-".to_owned(), |ms| ago(ms, now)),
+        ]);
+    }
+    format!("\n{t}\n")
 }
 
 /// The second per-GPU table: what says a GPU needs attention.
@@ -164,8 +191,46 @@ mod tests {
         for want in ["81°C", "sw_power_cap,sw_thermal_slowdown", "48×2", "2 / 5", "pending reset"] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
+        assert!(!text.contains("Containers"), "nothing reported, nothing shown");
         let json = serde_json::to_value(&view).unwrap();
+        assert!(json.get("containers").is_none());
         assert_eq!(json["gpus"][0]["clock_event_reasons"], serde_json::json!(["sw_power_cap", "sw_thermal_slowdown"]));
         assert_eq!(json["gpus"][0]["xid_events"][0]["count"], 2);
+    }
+
+    #[test]
+    fn show_lists_reported_containers() {
+        let container = pb::Container {
+            name: "llama-7".into(),
+            id: "0123456789ab".into(),
+            image: "vllm/vllm-openai:v0.8.5".into(),
+            state: "running".into(),
+            health: "healthy".into(),
+            deployment: "llama".into(),
+            revision: "7".into(),
+            created_unix_ms: 1_000,
+        };
+        let node = |report: pb::ContainerReport| pb::Node {
+            id: "a".into(),
+            inventory: Some(pb::Inventory { containers: Some(report), ..Default::default() }),
+            ..Default::default()
+        };
+        let view =
+            NodeView::from_wire(node(pb::ContainerReport { containers: vec![container], ..Default::default() }), true);
+        let text = show_text(&view, 61_000);
+        for want in ["llama-7", "running", "healthy", "llama", "0123456789ab", "1m ago"] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["containers"][0]["deployment"], "llama");
+        assert_eq!(json["containers"][0]["created_unix_ms"], 1_000);
+        assert!(json.get("container_runtime_error").is_none());
+
+        let down = pb::ContainerReport { runtime_error: "no engine".into(), ..Default::default() };
+        let view = NodeView::from_wire(node(down), true);
+        assert!(show_text(&view, 0).contains("unknown (container runtime unavailable: no engine)"));
+        assert_eq!(serde_json::to_value(&view).unwrap()["container_runtime_error"], "no engine");
+        let listed = NodeView::from_wire(node(pb::ContainerReport::default()), false);
+        assert!(listed.containers.is_none(), "`nodes ls` leaves them out");
     }
 }
