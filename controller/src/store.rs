@@ -124,6 +124,11 @@ pub trait Store: Send + Sync + 'static {
     fn alert_history(&self, limit: usize) -> Result<Vec<AlertEvent>, StoreError>;
     /// Deletes alert events older than `cutoff_unix_ms`; returns how many.
     fn prune_alert_history(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError>;
+    /// Records when the alert engine last evaluated (not flushed: a lost minute
+    /// only makes the next start think the outage was a little longer).
+    fn set_alerts_evaluated(&self, unix_ms: i64) -> Result<(), StoreError>;
+    /// When the alert engine last recorded an evaluation, if ever.
+    fn alerts_evaluated(&self) -> Result<Option<i64>, StoreError>;
     /// Saves a silence and flushes.
     fn commit_silence(&self, silence: &Silence) -> Result<(), StoreError>;
     /// Every silence, expired ones included.

@@ -51,6 +51,11 @@ pub struct AlertingConfig {
     /// before it had time to come back (agents retry at most every 30 s).
     #[serde(with = "humantime_serde")]
     pub restart_grace: Duration,
+    /// After an outage longer than this (the controller not evaluating), pending
+    /// `for` timers start over instead of carrying on: the condition was not
+    /// watched while it was down (Prometheus' outage tolerance).
+    #[serde(with = "humantime_serde")]
+    pub outage_tolerance: Duration,
     /// A firing critical alert nobody acknowledged is delivered again this often.
     #[serde(with = "humantime_serde")]
     pub renotify_interval: Duration,
@@ -72,6 +77,7 @@ impl Default for AlertingConfig {
             min_eval_interval: Duration::from_millis(200),
             tick: Duration::from_secs(1),
             restart_grace: Duration::from_secs(60),
+            outage_tolerance: Duration::from_secs(3600),
             renotify_interval: Duration::from_secs(3600),
             resolved_retention: Duration::from_secs(15 * 60),
             history_retention: Duration::from_secs(30 * 86_400),
@@ -244,16 +250,33 @@ impl Engine {
             .register(&deps.metrics.registry)
             .map_err(|e| AlertError::BadRequest(format!("alert delivery metrics: {e}")))?;
         let store = deps.store.clone();
-        let (alerts, silences) = blocking(move || Ok((store.alerts()?, store.silences()?))).await?;
+        let (alerts, silences, evaluated) =
+            blocking(move || Ok((store.alerts()?, store.silences()?, store.alerts_evaluated()?))).await?;
         let mut book = Book::default();
         let loaded_at = now_unix_ms();
+        let tolerance = i64::try_from(config.outage_tolerance.as_millis()).unwrap_or(i64::MAX);
+        let long_outage = evaluated.is_some_and(|t| loaded_at - t > tolerance);
+        let mut restarted = Vec::new();
         for mut a in alerts {
             // The controller was not looking while it was down: `keep_firing_for`
             // counts from now, not from before the restart.
             if a.state == AlertState::Firing {
                 a.last_held_unix_ms = a.last_held_unix_ms.max(loaded_at);
             }
+            if long_outage && a.state == AlertState::Pending {
+                a.active_since_unix_ms = loaded_at;
+                restarted.push(a.clone());
+            }
             book.alerts.insert(a.id.clone(), a);
+        }
+        if !restarted.is_empty() {
+            tracing::info!(
+                alerts = restarted.len(),
+                "the alert engine was off for longer than alerting.outage_tolerance: pending timers start over"
+            );
+            let store = deps.store.clone();
+            let changes = AlertChanges { upsert: restarted, ..Default::default() };
+            blocking(move || Ok(store.commit_alerts(&changes)?)).await?;
         }
         for s in silences {
             match SilenceMatcher::new(&s.matchers) {
@@ -345,13 +368,18 @@ impl Engine {
             return;
         }
         let mut kept = 0usize;
+        let now_ms = now_unix_ms();
         {
             let mut window = self.window();
             for (node, batch) in batches {
                 let inventory = self.inner.view.inventory(node).unwrap_or_default();
+                // An agent clock ahead of the controller's would put samples in the
+                // future, where no evaluation sees them and every later sample of
+                // the series is refused as older: they count as made now.
+                let t = batch.created_unix_ms.min(now_ms);
                 for s in batch_samples(node, &inventory, batch) {
                     if let Some(keep) = reach_for(&rules, &s.name, &s.labels)
-                        && window.push_kept(&s.name, &s.labels, batch.created_unix_ms, s.value, Some(keep))
+                        && window.push_kept(&s.name, &s.labels, t, s.value, Some(keep))
                     {
                         kept += 1;
                     }
@@ -378,10 +406,11 @@ impl Engine {
             let from = now - i64::try_from(reach.as_millis()).unwrap_or(i64::MAX);
             for node in engine.inner.view.nodes() {
                 let inventory = engine.inner.view.inventory(&node).unwrap_or_default();
-                for batch in engine.inner.store.batches_between(&node, from, now)? {
+                for batch in engine.inner.store.batches_between(&node, from, i64::MAX)? {
+                    let t = batch.created_unix_ms.min(now);
                     for s in batch_samples(&node, &inventory, &batch) {
                         if let Some(keep) = reach_for(&rules, &s.name, &s.labels) {
-                            window.push_kept(&s.name, &s.labels, batch.created_unix_ms, s.value, Some(keep));
+                            window.push_kept(&s.name, &s.labels, t, s.value, Some(keep));
                         }
                     }
                 }
@@ -402,6 +431,7 @@ impl Engine {
             if missing == 0 || Instant::now() >= grace_end {
                 tracing::info!(not_reconnected = missing, "alert evaluation started");
                 self.inner.evaluating.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.prune_history().await;
                 break;
             }
             tokio::select! {
@@ -439,11 +469,19 @@ impl Engine {
         }
     }
 
+    /// Once a minute: prunes old history and notes that the engine is evaluating
+    /// (the next start measures the outage from it).
     async fn prune_history(&self) {
         let store = self.inner.store.clone();
-        let cutoff = now_unix_ms() - i64::try_from(self.inner.config.history_retention.as_millis()).unwrap_or(0);
-        if let Err(error) = blocking(move || Ok(store.prune_alert_history(cutoff)?)).await {
-            tracing::warn!(%error, "pruning alert history failed");
+        let now = now_unix_ms();
+        let cutoff = now - i64::try_from(self.inner.config.history_retention.as_millis()).unwrap_or(0);
+        let done = blocking(move || {
+            store.set_alerts_evaluated(now)?;
+            Ok(store.prune_alert_history(cutoff)?)
+        })
+        .await;
+        if let Err(error) = done {
+            tracing::warn!(%error, "alert engine housekeeping failed");
         }
     }
 
@@ -1214,6 +1252,49 @@ groups:
         // Its series goes stale (no data for 5 minutes): the alert holds.
         e.evaluate(T0 + 600_000).await;
         assert_eq!(e.alerts(Some(AlertState::Firing)).await.len(), 1, "held while the node is down");
+    }
+
+    #[tokio::test]
+    async fn samples_from_an_agent_clock_ahead_count_as_made_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = RULES
+            .replace("expr: temp > 80", "expr: flotilla_gpu_temperature_celsius > 80")
+            .replace("for: 10s", "for: 0s");
+        let (e, _) = engine(dir.path(), &rules).await;
+        let node = NodeId::new("ahead").unwrap();
+        let now = now_unix_ms();
+        let hot = |seq, t| TelemetryBatch {
+            seq,
+            created_unix_ms: t,
+            gpus: vec![flotilla_common::model::GpuSample {
+                index: 0,
+                temperature_celsius: Some(90.0),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // An hour ahead: without the clamp no evaluation at "now" would see it.
+        e.ingest(&[(&node, &hot(1, now + 3_600_000))]);
+        e.evaluate(now_unix_ms()).await;
+        assert_eq!(e.alerts(Some(AlertState::Firing)).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn after_a_long_outage_pending_timers_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, store) = engine(dir.path(), RULES).await;
+        let now = now_unix_ms();
+        push(&e, "a", now - 10_000, 90.0);
+        e.evaluate(now - 10_000).await;
+        let before = e.alerts(Some(AlertState::Pending)).await[0].record.active_since_unix_ms;
+        assert_eq!(before, now - 10_000);
+        drop(e);
+        // The engine last evaluated two hours ago (tolerance: one hour).
+        store.set_alerts_evaluated(now - 2 * 3_600_000).unwrap();
+        let e = start(dir.path(), store.clone()).await;
+        let after = e.alerts(Some(AlertState::Pending)).await[0].record.active_since_unix_ms;
+        assert!(after >= now, "timer restarted: {before} -> {after}");
+        assert_eq!(store.alerts().unwrap()[0].active_since_unix_ms, after, "and stored");
     }
 
     /// A realistic batch: 8 GPUs, a host with two filesystems, one vLLM endpoint.

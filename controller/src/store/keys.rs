@@ -28,6 +28,9 @@ pub const ALERT_HISTORY: &str = "alert_history";
 /// Silences by id → `Silence` (kept after they expire, for the record).
 pub const SILENCES: &str = "silences";
 
+/// Key in META holding when the alert engine last evaluated (i64 big-endian Unix ms).
+pub const ALERTS_EVALUATED_KEY: &[u8] = b"alerts_evaluated";
+
 /// Key in META holding the schema version (u32 big-endian).
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
 

@@ -19,6 +19,7 @@ pub struct SledStore {
     rollups: sled::Tree,
     rollup_watermarks: sled::Tree,
     audit: sled::Tree,
+    meta: sled::Tree,
     alerts: sled::Tree,
     alert_history: sled::Tree,
     silences: sled::Tree,
@@ -65,6 +66,7 @@ impl SledStore {
                 .open_tree(keys::ROLLUP_WATERMARKS)
                 .map_err(sled_err("open rollup watermarks tree"))?,
             audit: db.open_tree(keys::AUDIT).map_err(sled_err("open audit tree"))?,
+            meta: meta.clone(),
             alerts: db.open_tree(keys::ALERTS).map_err(sled_err("open alerts tree"))?,
             alert_history: db.open_tree(keys::ALERT_HISTORY).map_err(sled_err("open alert history tree"))?,
             silences: db.open_tree(keys::SILENCES).map_err(sled_err("open silences tree"))?,
@@ -156,6 +158,24 @@ impl Store for SledStore {
             removed += 1;
         }
         Ok(removed)
+    }
+
+    fn set_alerts_evaluated(&self, unix_ms: i64) -> Result<(), StoreError> {
+        self.meta.insert(keys::ALERTS_EVALUATED_KEY, &unix_ms.to_be_bytes()).map_err(sled_err("write meta"))?;
+        Ok(())
+    }
+
+    fn alerts_evaluated(&self) -> Result<Option<i64>, StoreError> {
+        match self.meta.get(keys::ALERTS_EVALUATED_KEY).map_err(sled_err("read meta"))? {
+            Some(bytes) => {
+                let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    key: "meta/alerts_evaluated".into(),
+                    reason: format!("{} bytes, expected 8", bytes.len()),
+                })?;
+                Ok(Some(i64::from_be_bytes(raw)))
+            }
+            None => Ok(None),
+        }
     }
 
     fn commit_silence(&self, silence: &Silence) -> Result<(), StoreError> {
