@@ -20,6 +20,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where the sled store lives.
     pub data_dir: PathBuf,
+    /// sled's page cache in bytes: most of a busy controller's memory (default 1 GiB).
+    pub store_cache_bytes: u64,
     /// The fleet CA and the controller's server certificate.
     pub tls: TlsFiles,
     /// Log output format.
@@ -83,6 +85,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             metrics_listen: None,
             data_dir: PathBuf::from("/var/lib/flotilla/controller"),
+            store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             tls: TlsFiles { ca: pki.join("ca.pem"), cert: pki.join("controller.pem"), key: pki.join("controller.key") },
             log_format: LogFormat::Text,
             agents: AgentPolicy::default(),
@@ -176,6 +179,9 @@ impl Config {
         }
         if self.telemetry.max_commit_group == 0 || self.telemetry.commit_queue == 0 {
             return bad("telemetry.max_commit_group and telemetry.commit_queue must be at least 1");
+        }
+        if self.store_cache_bytes < 16 * 1024 * 1024 {
+            return bad("store_cache_bytes must be at least 16777216 (16 MiB)");
         }
         if self.limits.max_message_bytes < 64 * 1024 {
             return bad("limits.max_message_bytes must be at least 65536");

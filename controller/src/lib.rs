@@ -87,8 +87,9 @@ impl Controller {
         std::fs::create_dir_all(&data_dir)
             .map_err(|source| ControllerError::DataDir { path: data_dir.display().to_string(), source })?;
         let store_path = data_dir.join("store");
+        let cache = config.store_cache_bytes;
         let store: Arc<dyn store::Store> =
-            Arc::new(tokio::task::spawn_blocking(move || store::SledStore::open(&store_path)).await.map_err(
+            Arc::new(tokio::task::spawn_blocking(move || store::SledStore::open_with_cache(&store_path, cache)).await.map_err(
                 |e| ControllerError::DataDir { path: data_dir.display().to_string(), source: std::io::Error::other(e) },
             )??);
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::alert::state::{AlertEvent, AlertRecord, Silence};
 use crate::rollup::{Aggregate, MinuteRollup, SeriesKey};
 
-pub use sled_store::SledStore;
+pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 
 /// The schema this build writes. Bump it with a migration in `sled_store`.
 pub const SCHEMA_VERSION: u32 = 1;

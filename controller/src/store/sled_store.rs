@@ -10,6 +10,9 @@ use super::{AlertChanges, Committed, NodeRecord, SCHEMA_VERSION, Store, StoreErr
 use crate::alert::state::{AlertEvent, AlertRecord, Silence};
 use crate::rollup::{Aggregate, MinuteRollup, SeriesKey, minute_of};
 
+/// sled's own default page cache, 1 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
+
 /// The embedded default store: one sled database in the controller's data dir.
 pub struct SledStore {
     db: sled::Db,
@@ -38,11 +41,21 @@ fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path`, checking and migrating the schema.
+    /// Opens (or creates) the store at `path` with sled's default page cache,
+    /// checking and migrating the schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`SledStore::open`] with a page cache of `cache_bytes` (sled's cache is
+    /// most of a busy controller's memory).
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
-        let db =
-            sled::Config::new().path(path).open().map_err(|source| StoreError::Open { path: shown.clone(), source })?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|source| StoreError::Open { path: shown.clone(), source })?;
         let meta = db.open_tree(keys::META).map_err(sled_err("open meta tree"))?;
         let found = match meta.get(keys::SCHEMA_VERSION_KEY).map_err(sled_err("read schema version"))? {
             Some(bytes) => {
