@@ -88,10 +88,11 @@ impl Controller {
             .map_err(|source| ControllerError::DataDir { path: data_dir.display().to_string(), source })?;
         let store_path = data_dir.join("store");
         let cache = config.store_cache_bytes;
-        let store: Arc<dyn store::Store> =
-            Arc::new(tokio::task::spawn_blocking(move || store::SledStore::open_with_cache(&store_path, cache)).await.map_err(
+        let store: Arc<dyn store::Store> = Arc::new(
+            tokio::task::spawn_blocking(move || store::SledStore::open_with_cache(&store_path, cache)).await.map_err(
                 |e| ControllerError::DataDir { path: data_dir.display().to_string(), source: std::io::Error::other(e) },
-            )??);
+            )??,
+        );
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ControllerError::Bind { addr: config.listen, source })?;
