@@ -45,6 +45,8 @@ pub struct Config {
     pub inference: Vec<crate::inference::InferenceEndpoint>,
     pub uplink: UplinkConfig,
     pub log_format: LogFormat,
+    /// The gateway role (`[gateway]`): without it the agent refuses `gateway-set`.
+    pub gateway: Option<crate::gateway::GatewayConfig>,
 }
 
 /// Which GPU source feeds telemetry.
@@ -110,6 +112,7 @@ impl Default for Config {
             runtime: crate::runtime::RuntimeConfig::default(),
             uplink: UplinkConfig::default(),
             log_format: LogFormat::Text,
+            gateway: None,
         }
     }
 }
@@ -206,6 +209,11 @@ impl Config {
                 return bad(format!("[[inference]] {:?}: {e}", endpoint.name));
             }
         }
+        if let Some(gateway) = &self.gateway
+            && let Err(e) = gateway.validate()
+        {
+            return bad(e);
+        }
         for key in self.labels.keys() {
             let ok = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -236,6 +244,38 @@ mod tests {
         std::fs::write(&path, "controller = \"https://x:1\"\n[gpu]\nsorce = \"none\"\n").unwrap();
         let err = Config::load(Some(&path), Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("a.toml:3") && err.contains("sorce"), "{err}");
+    }
+
+    #[test]
+    fn a_gateway_section_is_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let nginx_conf = dir.path().join("nginx.conf");
+        std::fs::write(&nginx_conf, "events {}\n").unwrap();
+        let section = |extra: &str| {
+            format!(
+                "[gateway]\nnginx = \"/bin/sh\"\nconfig = \"{}\"\nupstreams_dir = \"{}\"\n{extra}",
+                nginx_conf.display(),
+                dir.path().display()
+            )
+        };
+        let load = |text: String| {
+            let path = dir.path().join("agent.toml");
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path), Overrides::default()).map_err(|e| e.to_string())
+        };
+        let c = load(section("")).unwrap();
+        let g = c.gateway.unwrap();
+        assert_eq!(g.reload_timeout, Duration::from_secs(10));
+        assert_eq!(g.confirm_url, "http://127.0.0.1:8099/flotilla-gateway");
+        assert!(load(section("confirm_url = \"http://10.1.1.1:80/x\"\n")).unwrap_err().contains("confirm_url"));
+        assert!(load(section("reload_timeout = \"1m\"\n")).unwrap_err().contains("reload_timeout"));
+        assert!(load(section("nginx = \"/nope\"\n")).is_err());
+        assert!(load(section("upstream_dir = \"/x\"\n")).unwrap_err().contains("upstream_dir"));
+        let missing = load("[gateway]\nconfig = \"/etc/nginx/nginx.conf\"\n".to_owned()).unwrap_err();
+        assert!(missing.contains("upstreams_dir"), "{missing}");
+        let no_dir =
+            section("").replace(&format!("upstreams_dir = \"{}\"", dir.path().display()), "upstreams_dir = \"/nope\"");
+        assert!(load(no_dir).unwrap_err().contains("gateway.upstreams_dir"));
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Host {
     pub runtime: Arc<DockerRuntime>,
     /// The agent's own recent warnings and errors, for diagnostics.
     pub recent: RecentEvents,
+    /// The gateway role, when this agent has a `[gateway]` section.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 /// The verification half: decides whether an envelope may run.

@@ -10,6 +10,7 @@ pub mod collector;
 pub mod config;
 pub mod containers;
 pub mod executor;
+pub mod gateway;
 pub mod gpu;
 pub mod host;
 pub mod inference;
@@ -54,6 +55,8 @@ pub enum AgentError {
     AckLog(std::io::Error),
     #[error("inference collector: {0}")]
     Inference(#[from] inference::InferenceError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] gateway::GatewayError),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -118,6 +121,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         gpus: inventory.gpus.clone(),
         runtime: std::sync::Arc::new(runtime::DockerRuntime::new(config.runtime.clone())),
         recent: flotilla_common::logging::RecentEvents::global().clone(),
+        gateway: match config.gateway.clone() {
+            Some(g) => Some(std::sync::Arc::new(gateway::Gateway::new(g)?)),
+            None => None,
+        },
     };
     let uplink = uplink::Uplink::new(
         node,

@@ -2,9 +2,13 @@
 //! results. Parsing from the operator API's name + arguments happens here, so
 //! that a bad argument is refused, with its name, before anything is signed.
 
+pub mod gateway;
+
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
+
+pub use gateway::{GatewayWeights, WeightedServer};
 
 /// One command for one node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +55,9 @@ pub enum Command {
     Deploy {
         spec_yaml: String,
     },
+    /// Gateway role: render an nginx upstream with these weights, check it with
+    /// `nginx -t`, reload, and confirm nginx serves it; a failure keeps the old weights.
+    GatewaySet(GatewayWeights),
 }
 
 /// Default free space the pre-start check asks for on the model path (20 GiB).
@@ -69,6 +76,7 @@ impl Command {
             Self::Restart { .. } => "restart",
             Self::Drain { .. } => "drain",
             Self::Deploy { .. } => "deploy",
+            Self::GatewaySet(_) => "gateway-set",
         }
     }
 
@@ -83,9 +91,10 @@ impl Command {
             "stop" | "restart" => &["container", "timeout_s"],
             "drain" => &["container", "endpoint", "deadline_s", "timeout_s"],
             "deploy" => &[],
+            "gateway-set" => &["upstream", "servers"],
             other => {
                 return Err(format!(
-                    "unknown command {other:?}: use noop, prestart-check, diagnostics, inspect, logs, stop, restart, drain or deploy"
+                    "unknown command {other:?}: use noop, prestart-check, diagnostics, inspect, logs, stop, restart, drain, deploy or gateway-set"
                 ));
             }
         };
@@ -122,6 +131,10 @@ impl Command {
                 deadline_s: small("deadline_s", 30, 3600)?,
                 timeout_s: small("timeout_s", 10, 600)?,
             },
+            "gateway-set" => Self::GatewaySet(
+                GatewayWeights::parse(&required("upstream")?, &required("servers")?)
+                    .map_err(|e| format!("gateway-set: {e}"))?,
+            ),
             _ => {
                 if spec_yaml.trim().is_empty() {
                     return Err("deploy needs a container spec (flotctl exec NODE deploy -f spec.yaml)".to_owned());
@@ -175,5 +188,20 @@ mod tests {
         assert!(Command::parse("noop", &args(&[("x", "1")]), "").unwrap_err().contains("\"x\""));
         assert!(Command::parse("reboot", &args(&[]), "").unwrap_err().contains("unknown command"));
         assert!(Command::parse("deploy", &args(&[]), " ").is_err());
+    }
+
+    #[test]
+    fn gateway_set_parses_upstream_and_weighted_servers() {
+        let c = Command::parse(
+            "gateway-set",
+            &args(&[("upstream", "llama"), ("servers", "127.0.0.1:8001=90,127.0.0.1:8002=10")]),
+            "",
+        )
+        .unwrap();
+        let Command::GatewaySet(w) = c else { panic!("not gateway-set: {c:?}") };
+        assert_eq!(w.servers.len(), 2);
+        assert!(Command::parse("gateway-set", &args(&[("upstream", "llama")]), "").unwrap_err().contains("servers"));
+        let dup = args(&[("upstream", "llama"), ("servers", "127.0.0.1:1=1,127.0.0.1:1=2")]);
+        assert!(Command::parse("gateway-set", &dup, "").unwrap_err().starts_with("gateway-set: "));
     }
 }

@@ -103,6 +103,9 @@ pub fn result_wait(command: &Command) -> Duration {
         }
         // Starting a container may wait for the engine to create it.
         Command::Deploy { .. } => base + Duration::from_secs(120),
+        // Up to four nginx steps (check, reload, confirm, reload back), each bounded
+        // by the gateway's reload_timeout, which the agent caps at 15 s.
+        Command::GatewaySet(_) => base + Duration::from_secs(60),
         _ => base,
     }
 }

@@ -158,11 +158,15 @@ pub enum RulesCmd {
 #[derive(Debug, Clone, Args)]
 pub struct ExecArgs {
     /// NODE COMMAND, or just COMMAND with --selector. COMMAND is one of noop,
-    /// prestart-check, diagnostics, inspect, logs, stop, restart, drain, deploy.
+    /// prestart-check, diagnostics, inspect, logs, stop, restart, drain, deploy,
+    /// gateway-set.
     #[arg(num_args = 1..=2, required = true, value_names = ["NODE", "COMMAND"])]
     pub words: Vec<String>,
     /// Command argument KEY=VALUE (repeatable), e.g. container=NAME, tail=100,
-    /// model_path=/models/llama, min_free_bytes=..., image=..., endpoint=http://127.0.0.1:8000
+    /// model_path=/models/llama, min_free_bytes=..., image=..., endpoint=http://127.0.0.1:8000.
+    /// gateway-set (on a node whose agent has [gateway]) takes upstream=NAME and
+    /// servers=HOST:PORT=WEIGHT,... with weights 0..=100 (0: kept out of rotation), e.g.
+    /// --arg upstream=llama --arg servers=10.0.0.5:8000=90,10.0.0.6:8000=10
     #[arg(long = "arg", value_name = "KEY=VALUE")]
     pub args: Vec<String>,
     /// Container spec (YAML) for deploy.

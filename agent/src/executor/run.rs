@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use flotilla_common::command::{Command, CommandStatus};
+use flotilla_common::command::{Command, CommandStatus, GatewayWeights};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -78,6 +78,37 @@ pub async fn run(host: &Host, command: Command) -> Done {
         Command::Drain { container, endpoint, deadline_s, timeout_s } => {
             drain(host, &container, &endpoint, Duration::from_secs(u64::from(deadline_s)), timeout_s).await
         }
+        Command::GatewaySet(weights) => gateway_set(host, &weights).await,
+    }
+}
+
+async fn gateway_set(host: &Host, weights: &GatewayWeights) -> Done {
+    let Some(gateway) = &host.gateway else {
+        return failed("this node is not a gateway: its agent config has no [gateway] section; nothing changed");
+    };
+    let servers: Vec<Value> =
+        weights.servers.iter().map(|s| json!({ "address": s.address, "weight": s.weight })).collect();
+    match gateway.set(weights).await {
+        Ok(applied) => {
+            let reload_ms = applied.reload_time.as_millis() as u64;
+            (
+                CommandStatus::Succeeded,
+                format!(
+                    "upstream {} now runs revision {} ({} server(s)); reload confirmed in {reload_ms} ms",
+                    weights.upstream,
+                    applied.revision,
+                    servers.len()
+                ),
+                json!({
+                    "upstream": weights.upstream,
+                    "revision": applied.revision,
+                    "servers": servers,
+                    "file": applied.file.display().to_string(),
+                    "reload_ms": reload_ms,
+                }),
+            )
+        }
+        Err(e) => failed(format!("upstream {}: {e}", weights.upstream)),
     }
 }
 
