@@ -77,6 +77,12 @@ impl FleetView {
         newer
     }
 
+    /// A copy of one node's newest committed batch (what the store would return
+    /// as its latest, without reading it).
+    pub fn latest(&self, node: &NodeId) -> Option<TelemetryBatch> {
+        self.read().get(node).and_then(|n| n.latest.clone())
+    }
+
     /// A copy of one node's inventory.
     pub fn inventory(&self, node: &NodeId) -> Option<Inventory> {
         self.read().get(node).map(|n| n.inventory.clone())

@@ -143,18 +143,15 @@ impl Fleet for FleetApi {
         let (caller, _role) = crate::auth::require_operator(&request)?;
         tracing::Span::current().record("caller", caller.as_str());
         let store = self.ctx.store.clone();
-        let rows = blocking("listing nodes", move || {
-            store
-                .nodes()?
-                .into_iter()
-                .map(|r| {
-                    let latest = store.latest_batch(&r.id)?;
-                    Ok((r, latest))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await?;
-        let nodes = rows.into_iter().map(|(r, latest)| self.view(r, latest)).collect();
+        let records = blocking("listing nodes", move || store.nodes()).await?;
+        // Each node's newest batch comes from the in-memory view, not a store read per node.
+        let nodes = records
+            .into_iter()
+            .map(|r| {
+                let latest = self.ctx.view.latest(&r.id);
+                self.view(r, latest)
+            })
+            .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
