@@ -204,6 +204,10 @@ impl Config {
         if self.uplink.backoff_initial.is_zero() || self.uplink.backoff_initial > self.uplink.backoff_max {
             return bad("uplink.backoff_initial must be above zero and at most uplink.backoff_max".to_owned());
         }
+        let relist = self.runtime.relist_interval;
+        if relist < Duration::from_secs(1) || relist > Duration::from_secs(3600) {
+            return bad(format!("runtime.relist_interval {} is outside 1s..1h", humantime::format_duration(relist)));
+        }
         for endpoint in &self.inference {
             if let Err(e) = endpoint.validate() {
                 return bad(format!("[[inference]] {:?}: {e}", endpoint.name));
@@ -235,6 +239,7 @@ mod tests {
         let c = Config::load(Some(&path), Overrides::default()).unwrap();
         assert_eq!(c.interval, Duration::from_secs(5));
         assert_eq!(c.labels.get("rack").map(String::as_str), Some("r1"));
+        assert_eq!(c.runtime, crate::runtime::RuntimeConfig::default());
     }
 
     #[test]
@@ -282,6 +287,14 @@ mod tests {
     fn bad_values_are_explained() {
         let o = Overrides { interval: Some(Duration::from_millis(1)), ..Default::default() };
         assert!(Config::load(None, o).unwrap_err().to_string().contains("interval"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, "[runtime]\nrelist_interval = \"100ms\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("runtime.relist_interval"), "{err}");
+        std::fs::write(&path, "[runtime]\nrelist_interval = \"2s\"\n").unwrap();
+        let c = Config::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(c.runtime.relist_interval, Duration::from_secs(2));
     }
 }
 

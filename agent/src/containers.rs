@@ -1,13 +1,18 @@
 //! The container report: the containers this agent manages, re-found by label
 //! through the runtime driver, in the shape the controller is told about. The
-//! uplink sends one in every hello (so a restarted agent reports what it finds)
-//! and again after each command that may change them.
+//! uplink sends one in every hello (so a restarted agent reports what it finds),
+//! after each command that may change them, and whenever a periodic re-listing
+//! ([`Relister`]) finds that they changed on their own.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_common::model::{Container, ContainerReport};
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::Limits;
+use tokio::time::Instant;
 
 use crate::runtime::{ContainerInfo, HealthState, Runtime};
 
@@ -29,6 +34,70 @@ pub async fn report<R: Runtime>(runtime: &R, timeout: Duration) -> ContainerRepo
         Err(_) => (Vec::new(), Some(format!("the container runtime did not answer within {}s", timeout.as_secs()))),
     };
     ContainerReport { containers, runtime_error, listed_unix_ms }
+}
+
+/// Whether `report` tells the controller something `last` (the report last
+/// sent on this stream) did not: a different list or runtime error. A listing
+/// older than `last` (a slow one overtaken by a later one) never does.
+pub fn is_news(last: Option<&ContainerReport>, report: &ContainerReport) -> bool {
+    last.is_none_or(|last| report.listed_unix_ms >= last.listed_unix_ms && !report.same_as(last))
+}
+
+/// A listing on its way.
+type Listing = Pin<Box<dyn Future<Output = ContainerReport> + Send>>;
+
+/// Lists the managed containers again every `interval` while a stream is open,
+/// so that a container that changes on its own (crashes, is OOM-killed, is
+/// stopped with `docker stop`) reaches the controller without waiting for a
+/// command or a reconnect. It owns no task: the uplink polls [`Relister::next`]
+/// as one branch of its `select!`, so it stops with the stream, and a slow
+/// listing never holds up heartbeats or telemetry.
+pub struct Relister<R> {
+    runtime: Arc<R>,
+    interval: Duration,
+    timeout: Duration,
+    /// When the next listing starts.
+    due: Instant,
+    /// The listing in flight, kept when another `select!` branch wins.
+    listing: Option<Listing>,
+}
+
+impl<R> std::fmt::Debug for Relister<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relister")
+            .field("interval", &self.interval)
+            .field("due", &self.due)
+            .field("listing", &self.listing.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Runtime + 'static> Relister<R> {
+    /// The first listing is due one `interval` from now: the stream's hello has
+    /// just carried a fresh one.
+    pub fn new(runtime: Arc<R>, interval: Duration, timeout: Duration) -> Self {
+        Self { runtime, interval, timeout, due: Instant::now() + interval, listing: None }
+    }
+
+    /// The next listing, once it is due and done. Cancel-safe: dropped while
+    /// waiting, nothing is lost; dropped while listing, the same listing is
+    /// resumed by the next call. The next one is due `interval` after this one
+    /// ends, so an engine that hangs until the timeout is asked at that pace,
+    /// never back to back.
+    pub async fn next(&mut self) -> ContainerReport {
+        let listing = match &mut self.listing {
+            Some(listing) => listing,
+            None => {
+                tokio::time::sleep_until(self.due).await;
+                let (runtime, timeout) = (Arc::clone(&self.runtime), self.timeout);
+                self.listing.insert(Box::pin(async move { report(runtime.as_ref(), timeout).await }))
+            }
+        };
+        let report = listing.await;
+        self.listing = None;
+        self.due = Instant::now() + self.interval;
+        report
+    }
 }
 
 fn container(c: &ContainerInfo) -> Container {
@@ -96,6 +165,92 @@ mod tests {
         let r = report(&rt, LIST_TIMEOUT).await;
         assert!(r.containers.is_empty());
         assert!(r.runtime_error.as_deref().is_some_and(|e| e.contains("/nope.sock")), "{r:?}");
+    }
+
+    async fn fake_with_llama() -> (Arc<FakeRuntime>, ContainerReport) {
+        let rt = Arc::new(FakeRuntime::with_images(["x:1"]));
+        let spec =
+            ContainerSpec::from_yaml("name: llama\nrevision: \"7\"\nimage: x:1\n").unwrap().validate(&[]).unwrap();
+        rt.deploy(&spec).await.unwrap();
+        let first = report(rt.as_ref(), LIST_TIMEOUT).await;
+        (rt, first)
+    }
+
+    // The clock is paused: time moves only when every task waits, so the
+    // intervals below are exact, whatever the machine's load.
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_stopped_behind_the_agents_back_is_news_within_one_interval() {
+        let interval = Duration::from_millis(200);
+        let (rt, hello) = fake_with_llama().await;
+        let mut relister = Relister::new(Arc::clone(&rt), interval, LIST_TIMEOUT);
+        let start = Instant::now();
+
+        // Unchanged: listed once an interval, and nothing worth sending.
+        let again = relister.next().await;
+        assert_eq!(start.elapsed(), interval);
+        assert!(!is_news(Some(&hello), &again), "{again:?}");
+
+        // `docker stop` by someone else: no command passes through the agent.
+        rt.stop("llama-7", Duration::ZERO).await.unwrap();
+        let at = Instant::now();
+        let stopped = relister.next().await;
+        assert_eq!(at.elapsed(), interval);
+        assert!(is_news(Some(&again), &stopped));
+        assert_eq!(stopped.containers[0].state, "exited");
+        let listings = rt.calls().iter().filter(|c| c.starts_with("list_managed")).count();
+        assert_eq!(listings, 3, "the hello's listing and two re-listings: {:?}", rt.calls());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_relisting_interrupted_by_another_branch_keeps_its_schedule() {
+        let (rt, _) = fake_with_llama().await;
+        let mut relister = Relister::new(Arc::clone(&rt), Duration::from_millis(300), LIST_TIMEOUT);
+        let due = relister.due;
+        // Heartbeats win the select! several times before the listing is due.
+        for _ in 0..3 {
+            tokio::select! {
+                _ = relister.next() => panic!("listed before it was due"),
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        assert_eq!(relister.due, due, "losing a select! does not push the listing back");
+        assert_eq!(rt.calls().iter().filter(|c| c.starts_with("list_managed")).count(), 1);
+        relister.next().await;
+        assert!(Instant::now() >= due && relister.due >= due + Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_runtime_is_news_once_not_every_interval() {
+        let (rt, hello) = fake_with_llama().await;
+        let mut relister = Relister::new(Arc::clone(&rt), Duration::from_millis(20), LIST_TIMEOUT);
+        let down =
+            || RuntimeError::Engine { op: "list", target: "/nope.sock".into(), status: 500, message: "down".into() };
+        let mut sent = hello;
+        let mut news = Vec::new();
+        for _ in 0..4 {
+            rt.fail_next("list_managed", down());
+            let r = relister.next().await;
+            if is_news(Some(&sent), &r) {
+                news.push(r.clone());
+                sent = r;
+            }
+        }
+        assert_eq!(news.len(), 1, "{news:?}");
+        assert!(news[0].containers.is_empty() && news[0].runtime_error.is_some());
+        // Back again: the containers are news once more.
+        let back = relister.next().await;
+        assert!(is_news(Some(&sent), &back) && back.runtime_error.is_none());
+    }
+
+    #[test]
+    fn an_older_listing_is_never_news() {
+        let newer = ContainerReport { listed_unix_ms: 20, ..Default::default() };
+        let older = ContainerReport { runtime_error: Some("down".into()), listed_unix_ms: 10, ..Default::default() };
+        assert!(is_news(None, &older));
+        assert!(!is_news(Some(&newer), &older));
+        assert!(!is_news(Some(&older), &ContainerReport { listed_unix_ms: 30, ..older.clone() }));
+        assert!(is_news(Some(&older), &ContainerReport { listed_unix_ms: 30, ..newer }));
     }
 
     #[test]

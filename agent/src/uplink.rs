@@ -352,6 +352,13 @@ impl Uplink {
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut watchdog = tokio::time::interval(self.config.ack_timeout / 4);
+        // Containers change on their own too (a crash, an OOM kill, `docker stop`).
+        let runtime = &self.commands.host.runtime;
+        let mut relister = crate::containers::Relister::new(
+            std::sync::Arc::clone(runtime),
+            runtime.config().relist_interval,
+            crate::containers::LIST_TIMEOUT,
+        );
         loop {
             tokio::select! {
                 () = cancel.cancelled() => {
@@ -390,6 +397,11 @@ impl Uplink {
                     Ok(None) => return LinkEnd::Broken("controller closed the stream".to_owned()),
                     Err(status) => return LinkEnd::Broken(refusal(status)),
                 },
+                report = relister.next() => {
+                    if let Err(reason) = self.offer_containers(&link, &report).await {
+                        return LinkEnd::Broken(reason);
+                    }
+                }
                 _ = watchdog.tick() => {
                     if let Some(sent) = self.pending.front().and_then(|p| p.sent_at)
                         && sent.elapsed() > self.config.ack_timeout
@@ -441,12 +453,10 @@ impl Uplink {
         }
     }
 
-    /// Sends `report` if it says something new; an older listing than the one
-    /// last sent (a slow listing overtaken by a later one) is dropped.
+    /// Sends `report` if it says something new since the one last sent on
+    /// this stream (see [`crate::containers::is_news`]).
     async fn offer_containers(&mut self, link: &Link, report: &ContainerReport) -> Result<(), String> {
-        if let Some(last) = &self.reported
-            && (report.listed_unix_ms < last.listed_unix_ms || report.same_as(last))
-        {
+        if !crate::containers::is_news(self.reported.as_ref(), report) {
             return Ok(());
         }
         self.note_runtime(report);

@@ -1,8 +1,9 @@
 //! The agent's managed containers reach the controller: deployed through a
 //! signed command, listed in `flotctl nodes show`, re-found by label and
 //! reported again after the agent is killed (with the controller restarted, so
-//! nothing but the agent's fresh report can show them), and updated when
-//! stopped. Diagnostics carry the agent's own recent warnings. Real Docker.
+//! nothing but the agent's fresh report can show them), updated when changed
+//! behind the agent's back (`docker stop`, found by the periodic re-listing)
+//! and when stopped by a command. Diagnostics carry the agent's own recent warnings. Real Docker.
 
 // Helpers here fail the test on setup errors, as the #[test] bodies do.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -39,7 +40,8 @@ fn deployed_containers_are_reported_refound_after_a_restart_and_updated() {
         "gpu-a",
         AgentOpts {
             gpus: 1,
-            config_toml: Some(format!("command_key = \"{}\"\n", key.display())),
+            // A short re-listing interval, so that `docker stop` shows up quickly.
+            config_toml: Some(format!("command_key = \"{}\"\n[runtime]\nrelist_interval = \"1s\"\n", key.display())),
             ..Default::default()
         },
     );
@@ -78,6 +80,23 @@ fn deployed_containers_are_reported_refound_after_a_restart_and_updated() {
         *last = format!("{list:?}");
         find(&list, &name).filter(|c| c["state"] == "running").map(|_| ())
     });
+
+    // Changed behind the agent's back, with no command passing through it:
+    // the periodic re-listing reports it.
+    for (verb, state) in [("stop", "exited"), ("start", "running")] {
+        let mut cmd = std::process::Command::new("docker");
+        cmd.arg(verb);
+        if verb == "stop" {
+            cmd.args(["-t", "1"]);
+        }
+        let out = cmd.arg(&container).output().expect("run docker");
+        assert!(out.status.success(), "docker {verb}: {}", String::from_utf8_lossy(&out.stderr));
+        eventually_within(Duration::from_secs(15), &format!("the agent to report `docker {verb}`"), |last| {
+            let list = containers(&pki, &url, "gpu-a")?;
+            *last = format!("{list:?}");
+            find(&list, &name).filter(|c| c["state"] == state).map(|_| ())
+        });
+    }
 
     let v = json(&flotctl(
         &pki,

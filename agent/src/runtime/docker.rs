@@ -37,11 +37,21 @@ pub struct RuntimeConfig {
     /// Limit for one request; `stop` and `restart` add their own grace period to it.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How often the uplink lists the managed containers again while connected,
+    /// so that a container that changes on its own (crashes, is OOM-killed, is
+    /// stopped with `docker stop`) reaches the controller without a command.
+    /// A listing is sent only when it differs from the last one sent.
+    #[serde(with = "humantime_serde")]
+    pub relist_interval: Duration,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { socket: PathBuf::from("/var/run/docker.sock"), request_timeout: Duration::from_secs(60) }
+        Self {
+            socket: PathBuf::from("/var/run/docker.sock"),
+            request_timeout: Duration::from_secs(60),
+            relist_interval: Duration::from_secs(30),
+        }
     }
 }
 
