@@ -128,6 +128,17 @@ pub enum AlertsCmd {
         /// Silence id (from `flotctl alerts silences`).
         id: String,
     },
+    /// Alert state changes and acknowledgements, oldest first (kept alerting.history_retention).
+    History {
+        /// Only the events of this alert id.
+        #[arg(long)]
+        id: Option<String>,
+        /// At most this many, the newest.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
     /// List silences.
     Silences {
         /// Also list expired silences.

@@ -139,6 +139,14 @@ fn demo_overheat_fires_for_that_node_only_then_resolves_and_ack_and_silence_beha
     });
     let resolved = alerts_via(&cfg, &["--state", "resolved"]);
     assert_eq!(resolved.len(), 1, "{resolved:?}");
+    // The history tells the story of demo-02's alert, oldest first.
+    let out = ctl(&cfg, &["alerts", "history", "--id", &id, "-o", "json"]);
+    let events: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let steps: Vec<(String, String)> =
+        events.iter().map(|e| (e["from"].as_str().unwrap().to_owned(), e["to"].as_str().unwrap().to_owned())).collect();
+    let want = [("inactive", "pending"), ("pending", "firing"), ("firing", "firing"), ("firing", "resolved")];
+    assert_eq!(steps, want.map(|(a, b)| (a.to_owned(), b.to_owned())), "{events:?}");
+    assert!(events[2]["by"].as_str().unwrap().starts_with("ack by"), "the ack is in the history: {events:?}");
 
     assert!(demo.terminate().success());
 }

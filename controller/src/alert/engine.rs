@@ -798,6 +798,26 @@ impl Engine {
         Ok(ended)
     }
 
+    /// The newest `limit` alert events (of one alert when `id` is given), oldest first.
+    pub async fn history(&self, limit: usize, id: Option<String>) -> Result<Vec<AlertEvent>, AlertError> {
+        let store = self.inner.store.clone();
+        blocking(move || {
+            let events = match id {
+                // One alert's events are rare among all: read a generous window and filter.
+                Some(id) => {
+                    let all = store.alert_history(limit.saturating_mul(100).max(10_000))?;
+                    let mut mine: Vec<AlertEvent> = all.into_iter().filter(|e| e.id == id).collect();
+                    let skip = mine.len().saturating_sub(limit);
+                    mine.drain(..skip);
+                    mine
+                }
+                None => store.alert_history(limit)?,
+            };
+            Ok(events)
+        })
+        .await
+    }
+
     /// Silences, newest first; expired ones only when asked.
     pub async fn silences(&self, include_expired: bool) -> Vec<Silence> {
         let book = self.inner.book.lock().await;

@@ -106,6 +106,13 @@ impl Fleet for FleetApi {
         alerts::reload_rules(&self.ctx, request).await
     }
 
+    async fn list_alert_history(
+        &self,
+        request: Request<pb::ListAlertHistoryRequest>,
+    ) -> Result<Response<pb::ListAlertHistoryResponse>, Status> {
+        alerts::list_alert_history(&self.ctx, request).await
+    }
+
     async fn check_rules(
         &self,
         request: Request<pb::CheckRulesRequest>,

@@ -78,6 +78,38 @@ impl AlertRow {
     }
 }
 
+/// One alert event as `-o json` prints it; `from`/`to` are `inactive` for no alert.
+#[derive(Debug, Serialize)]
+struct EventRow {
+    at: i64,
+    alert_id: String,
+    name: String,
+    from: &'static str,
+    to: &'static str,
+    labels: BTreeMap<String, String>,
+    value: f64,
+    by: String,
+}
+
+impl EventRow {
+    fn from_wire(e: pb::AlertEvent) -> Self {
+        let state = |s: i32| match state_name(s) {
+            "unknown" => "inactive",
+            other => other,
+        };
+        Self {
+            at: e.at_unix_ms,
+            alert_id: e.alert_id,
+            name: e.name,
+            from: state(e.from),
+            to: state(e.to),
+            labels: e.labels.into_iter().collect(),
+            value: e.value,
+            by: e.by,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct SilenceRow {
     id: String,
@@ -188,6 +220,35 @@ pub async fn run(cmd: AlertsCmd, conn: &Connection) -> anyhow::Result<()> {
                 println!("silence {} ended", s.id);
             }
             Ok(())
+        }
+        AlertsCmd::History { id, limit, output } => {
+            let resp = call(
+                "list alert history",
+                client
+                    .list_alert_history(pb::ListAlertHistoryRequest { limit, alert_id: id.unwrap_or_default() })
+                    .await,
+            )?;
+            let rows: Vec<EventRow> = resp.events.into_iter().map(EventRow::from_wire).collect();
+            let now = now_unix_ms();
+            output::print(output, &rows, |rows| {
+                if rows.is_empty() {
+                    return "no alert history".to_owned();
+                }
+                let mut t = output::table(&["WHEN", "ID", "ALERT", "FROM", "TO", "LABELS", "VALUE", "BY"]);
+                for r in rows {
+                    t.add_row(vec![
+                        output::ago(r.at, now),
+                        r.alert_id.clone(),
+                        r.name.clone(),
+                        r.from.to_owned(),
+                        r.to.to_owned(),
+                        labels_text(&r.labels),
+                        output::number(Some(r.value)),
+                        r.by.clone(),
+                    ]);
+                }
+                t.to_string()
+            })
         }
         AlertsCmd::Silences { all, output } => {
             let resp =

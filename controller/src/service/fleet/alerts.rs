@@ -209,3 +209,34 @@ pub async fn check_rules(
         }
     }))
 }
+
+pub async fn list_alert_history(
+    ctx: &Context,
+    request: Request<pb::ListAlertHistoryRequest>,
+) -> Result<Response<pb::ListAlertHistoryResponse>, Status> {
+    crate::auth::require_operator(&request)?;
+    let req = request.into_inner();
+    let limit = match req.limit {
+        0 => 100,
+        n if n <= 10_000 => n as usize,
+        n => return Err(Status::invalid_argument(format!("limit {n} is above 10000"))),
+    };
+    let id = (!req.alert_id.is_empty()).then_some(req.alert_id);
+    let events = ctx.alerts.history(limit, id).await?;
+    let state = |s: Option<AlertState>| s.map_or(pb::AlertState::Unspecified, state_to_wire).into();
+    Ok(Response::new(pb::ListAlertHistoryResponse {
+        events: events
+            .into_iter()
+            .map(|e| pb::AlertEvent {
+                at_unix_ms: e.at_unix_ms,
+                alert_id: e.id,
+                name: e.name,
+                labels: e.labels.into_iter().collect(),
+                from: state(e.from),
+                to: state(e.to),
+                value: e.value,
+                by: e.by,
+            })
+            .collect(),
+    }))
+}
