@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::gateway::traffic::TrafficCounters;
 use crate::gpu::GpuSource;
 use crate::host::HostCollector;
 use crate::inference::InferenceCollector;
@@ -22,6 +23,8 @@ pub struct Sources {
     pub gpu: Box<dyn GpuSource>,
     pub host: HostCollector,
     pub inference: InferenceCollector,
+    /// The gateway's per-server traffic counters, when `[gateway] access_log` is set.
+    pub traffic: Option<TrafficCounters>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -33,7 +36,7 @@ impl std::fmt::Debug for Sources {
 /// Runs until `cancel` fires or the uplink goes away. Batches carry no seq yet:
 /// the uplink numbers them as it takes them.
 pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<TelemetryBatch>, cancel: CancellationToken) {
-    let Sources { mut gpu, mut host, mut inference } = sources;
+    let Sources { mut gpu, mut host, mut inference, mut traffic } = sources;
     let start = Instant::now();
     let mut last_gpu_error: Option<String> = None;
     let mut tick = tokio::time::interval(interval);
@@ -50,11 +53,12 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
         let blocking = tokio::task::spawn_blocking(move || {
             let g = gpu.sample(elapsed);
             let h = host.sample();
-            (gpu, host, g, h)
+            let t = traffic.as_mut().map(TrafficCounters::sample);
+            (gpu, host, traffic, g, h, t)
         });
         let (joined, round) =
             tokio::join!(blocking, async { if inference.is_empty() { None } else { Some(inference.collect().await) } });
-        let (gpu_back, host_back, gpu_result, mut host_sample) = match joined {
+        let (gpu_back, host_back, traffic_back, gpu_result, mut host_sample, traffic_round) = match joined {
             Ok(parts) => parts,
             Err(error) => {
                 tracing::error!(%error, "a collector panicked; stopping collection");
@@ -63,6 +67,7 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
         };
         gpu = gpu_back;
         host = host_back;
+        traffic = traffic_back;
         let host_reading_samples = std::mem::take(&mut host_sample.samples);
         let gpus = match gpu_result {
             Ok(samples) => {
@@ -85,6 +90,12 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
         collectors.push(CollectorStatus { name: "host".into(), healthy: true, error: String::new() });
         let host_sample = Some(host_sample.host);
         let mut samples = host_reading_samples;
+        // Ahead of the inference pages, which can be large: should a batch be cut
+        // to MAX_SAMPLES, the gateway counters the rollout gates read are kept.
+        if let Some((traffic_samples, status)) = traffic_round {
+            samples.extend(traffic_samples);
+            collectors.push(status);
+        }
         samples.extend(match round {
             Some(round) => {
                 collectors.extend(round.statuses());

@@ -275,6 +275,12 @@ mod tests {
         assert!(load(section("confirm_url = \"http://10.1.1.1:80/x\"\n")).unwrap_err().contains("confirm_url"));
         assert!(load(section("reload_timeout = \"1m\"\n")).unwrap_err().contains("reload_timeout"));
         assert!(load(section("nginx = \"/nope\"\n")).is_err());
+        assert_eq!(g.access_log, None);
+        let log = dir.path().join("flotilla-gateway.log");
+        let c = load(section(&format!("access_log = \"{}\"\n", log.display()))).unwrap();
+        assert_eq!(c.gateway.unwrap().access_log, Some(log), "the file itself need not exist yet");
+        assert!(load(section("access_log = \"gw.log\"\n")).unwrap_err().contains("gateway.access_log"));
+        assert!(load(section("access_log = \"/nope/gw.log\"\n")).unwrap_err().contains("gateway.access_log"));
         assert!(load(section("upstream_dir = \"/x\"\n")).unwrap_err().contains("upstream_dir"));
         let missing = load("[gateway]\nconfig = \"/etc/nginx/nginx.conf\"\n".to_owned()).unwrap_err();
         assert!(missing.contains("upstreams_dir"), "{missing}");
@@ -295,6 +301,34 @@ mod tests {
         std::fs::write(&path, "[runtime]\nrelist_interval = \"2s\"\n").unwrap();
         let c = Config::load(Some(&path), Overrides::default()).unwrap();
         assert_eq!(c.runtime.relist_interval, Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod name_prefix_tests {
+    use super::*;
+
+    fn load(runtime: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("controller = \"https://x:1\"\n[runtime]\n{runtime}")).unwrap();
+        Config::load(Some(&path), Overrides::default()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_name_prefix_defaults_to_none_and_must_be_a_container_name_start() {
+        assert!(load("").unwrap().runtime.name_prefix.is_empty());
+        assert!(load("name_prefix = \"\"\n").unwrap().runtime.name_prefix.is_empty());
+        assert_eq!(load("name_prefix = \"gpu-1.\"\n").unwrap().runtime.name_prefix.as_str(), "gpu-1.");
+        for bad in ["-x", "a b", "x/y", "é"] {
+            let err = load(&format!("name_prefix = {bad:?}\n")).unwrap_err();
+            assert!(err.contains("agent.toml:3") && err.contains("runtime.name_prefix"), "{bad:?}: {err}");
+            assert!(err.contains("[a-zA-Z0-9][a-zA-Z0-9_.-]*"), "{err}");
+        }
+        let err = load(&format!("name_prefix = \"{}\"\n", "a".repeat(65))).unwrap_err();
+        assert!(err.contains("runtime.name_prefix") && err.contains("the limit is 64"), "{err}");
+        assert!(load("name_prefix = 1\n").unwrap_err().contains("agent.toml:3"));
+        assert!(load("node = \"gpu-1\"\n").is_err(), "the node label comes from the agent's identity only");
     }
 }
 

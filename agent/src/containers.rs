@@ -2,7 +2,9 @@
 //! through the runtime driver, in the shape the controller is told about. The
 //! uplink sends one in every hello (so a restarted agent reports what it finds),
 //! after each command that may change them, and whenever a periodic re-listing
-//! ([`Relister`]) finds that they changed on their own.
+//! ([`Relister`]) finds that they changed on their own. Each successful listing
+//! also tells the inference collector which model servers run
+//! ([`ManagedServers`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,22 +16,28 @@ use flotilla_common::time::now_unix_ms;
 use flotilla_proto::Limits;
 use tokio::time::Instant;
 
+use crate::inference::ManagedServers;
 use crate::runtime::{ContainerInfo, HealthState, Runtime};
 
 /// How long a listing may take before it is reported as unanswered; it runs
 /// before every hello, so a hung engine must not hold the connection up long.
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Lists the managed containers. A runtime that cannot be asked gives an empty
-/// list with the reason, never an error: an agent without a container runtime
-/// keeps working.
-pub async fn report<R: Runtime>(runtime: &R, timeout: Duration) -> ContainerReport {
+/// Lists the managed containers and publishes their model servers to `servers`.
+/// A runtime that cannot be asked gives an empty list with the reason, never an
+/// error: an agent without a container runtime keeps working (and the servers
+/// last published stay: not knowing is not the same as gone).
+pub async fn report<R: Runtime>(runtime: &R, timeout: Duration, servers: &ManagedServers) -> ContainerReport {
     // Stamped when the listing starts: what it finds is at least this fresh, so
     // of two reports the later stamp is never the staler one.
     let listed_unix_ms = now_unix_ms();
     let listed = tokio::time::timeout(timeout, runtime.list_managed()).await;
     let (containers, runtime_error) = match listed {
-        Ok(Ok(list)) => (list.iter().take(Limits::DEFAULT.max_list).map(container).collect(), None),
+        Ok(Ok(list)) => {
+            let list = &list[..list.len().min(Limits::DEFAULT.max_list)];
+            servers.publish(list);
+            (list.iter().map(container).collect(), None)
+        }
         Ok(Err(e)) => (Vec::new(), Some(clamp(&e.to_string()))),
         Err(_) => (Vec::new(), Some(format!("the container runtime did not answer within {}s", timeout.as_secs()))),
     };
@@ -54,6 +62,7 @@ type Listing = Pin<Box<dyn Future<Output = ContainerReport> + Send>>;
 /// listing never holds up heartbeats or telemetry.
 pub struct Relister<R> {
     runtime: Arc<R>,
+    servers: ManagedServers,
     interval: Duration,
     timeout: Duration,
     /// When the next listing starts.
@@ -75,8 +84,8 @@ impl<R> std::fmt::Debug for Relister<R> {
 impl<R: Runtime + 'static> Relister<R> {
     /// The first listing is due one `interval` from now: the stream's hello has
     /// just carried a fresh one.
-    pub fn new(runtime: Arc<R>, interval: Duration, timeout: Duration) -> Self {
-        Self { runtime, interval, timeout, due: Instant::now() + interval, listing: None }
+    pub fn new(runtime: Arc<R>, servers: ManagedServers, interval: Duration, timeout: Duration) -> Self {
+        Self { runtime, servers, interval, timeout, due: Instant::now() + interval, listing: None }
     }
 
     /// The next listing, once it is due and done. Cancel-safe: dropped while
@@ -89,8 +98,8 @@ impl<R: Runtime + 'static> Relister<R> {
             Some(listing) => listing,
             None => {
                 tokio::time::sleep_until(self.due).await;
-                let (runtime, timeout) = (Arc::clone(&self.runtime), self.timeout);
-                self.listing.insert(Box::pin(async move { report(runtime.as_ref(), timeout).await }))
+                let (runtime, timeout, servers) = (Arc::clone(&self.runtime), self.timeout, self.servers.clone());
+                self.listing.insert(Box::pin(async move { report(runtime.as_ref(), timeout, &servers).await }))
             }
         };
         let report = listing.await;
@@ -144,7 +153,7 @@ mod tests {
         let spec =
             ContainerSpec::from_yaml("name: llama\nrevision: \"7\"\nimage: x:1\n").unwrap().validate(&[]).unwrap();
         rt.deploy(&spec).await.unwrap();
-        let r = report(&rt, LIST_TIMEOUT).await;
+        let r = report(&rt, LIST_TIMEOUT, &ManagedServers::default()).await;
         assert_eq!(r.runtime_error, None);
         let [c] = r.containers.as_slice() else { panic!("one container expected, got {:?}", r.containers) };
         assert_eq!((c.name.as_str(), c.state.as_str(), c.health.as_deref()), ("llama-7", "running", None));
@@ -155,6 +164,24 @@ mod tests {
         assert_eq!(back, r);
     }
 
+    /// With `[runtime] name_prefix`, the controller is told of `llama-7`, never the
+    /// engine's `gpu-1.llama-7`, and so are the model server's series (`endpoint`).
+    #[tokio::test]
+    async fn the_report_and_the_scraped_endpoints_use_names_without_the_prefix() {
+        let engine = FakeRuntime::with_images(["x:1"]);
+        let (rt, other) = (engine.sharing("gpu-1.", "gpu-1"), engine.sharing("gpu-2.", "gpu-2"));
+        let yaml = "name: llama\nrevision: \"7\"\nimage: x:1\nports: [{container: 8000}]\ninference: {port: 8000}\n";
+        let spec = ContainerSpec::from_yaml(yaml).unwrap().validate(&[]).unwrap();
+        rt.deploy(&spec).await.unwrap();
+        other.deploy(&spec).await.unwrap();
+        let servers = ManagedServers::default();
+        let r = report(&rt, LIST_TIMEOUT, &servers).await;
+        let names: Vec<&str> = r.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["llama-7"], "only this agent's container, without the prefix");
+        let scraped: Vec<String> = servers.subscribe().borrow().iter().map(|s| s.container.clone()).collect();
+        assert_eq!(scraped, ["llama-7"]);
+    }
+
     #[tokio::test]
     async fn an_unreachable_runtime_is_an_empty_list_with_the_reason() {
         let rt = FakeRuntime::default();
@@ -162,7 +189,7 @@ mod tests {
             "list_managed",
             RuntimeError::Engine { op: "list", target: "/nope.sock".into(), status: 500, message: "down".into() },
         );
-        let r = report(&rt, LIST_TIMEOUT).await;
+        let r = report(&rt, LIST_TIMEOUT, &ManagedServers::default()).await;
         assert!(r.containers.is_empty());
         assert!(r.runtime_error.as_deref().is_some_and(|e| e.contains("/nope.sock")), "{r:?}");
     }
@@ -172,7 +199,7 @@ mod tests {
         let spec =
             ContainerSpec::from_yaml("name: llama\nrevision: \"7\"\nimage: x:1\n").unwrap().validate(&[]).unwrap();
         rt.deploy(&spec).await.unwrap();
-        let first = report(rt.as_ref(), LIST_TIMEOUT).await;
+        let first = report(rt.as_ref(), LIST_TIMEOUT, &ManagedServers::default()).await;
         (rt, first)
     }
 
@@ -183,7 +210,7 @@ mod tests {
     async fn a_container_stopped_behind_the_agents_back_is_news_within_one_interval() {
         let interval = Duration::from_millis(200);
         let (rt, hello) = fake_with_llama().await;
-        let mut relister = Relister::new(Arc::clone(&rt), interval, LIST_TIMEOUT);
+        let mut relister = Relister::new(Arc::clone(&rt), ManagedServers::default(), interval, LIST_TIMEOUT);
         let start = Instant::now();
 
         // Unchanged: listed once an interval, and nothing worth sending.
@@ -205,7 +232,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_relisting_interrupted_by_another_branch_keeps_its_schedule() {
         let (rt, _) = fake_with_llama().await;
-        let mut relister = Relister::new(Arc::clone(&rt), Duration::from_millis(300), LIST_TIMEOUT);
+        let mut relister =
+            Relister::new(Arc::clone(&rt), ManagedServers::default(), Duration::from_millis(300), LIST_TIMEOUT);
         let due = relister.due;
         // Heartbeats win the select! several times before the listing is due.
         for _ in 0..3 {
@@ -223,7 +251,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unreachable_runtime_is_news_once_not_every_interval() {
         let (rt, hello) = fake_with_llama().await;
-        let mut relister = Relister::new(Arc::clone(&rt), Duration::from_millis(20), LIST_TIMEOUT);
+        let mut relister =
+            Relister::new(Arc::clone(&rt), ManagedServers::default(), Duration::from_millis(20), LIST_TIMEOUT);
         let down =
             || RuntimeError::Engine { op: "list", target: "/nope.sock".into(), status: 500, message: "down".into() };
         let mut sent = hello;

@@ -2,7 +2,8 @@
 //! against the pinned controller key ([`flotilla_common::envelope`]) before
 //! anything in it is read; its id is recorded durably before it runs; every
 //! refusal is reported back and logged with its reason, and nothing executes.
-//! A resent command (same id) gets its stored result, and does not run twice.
+//! A resent command (same id, even in a newly signed envelope, for a day after
+//! it expired: `seen`) gets its stored result, and does not run twice.
 
 mod run;
 mod seen;
@@ -56,6 +57,8 @@ pub struct Host {
     pub recent: RecentEvents,
     /// The gateway role, when this agent has a `[gateway]` section.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
+    /// Where each container listing publishes the model servers to scrape.
+    pub servers: crate::inference::ManagedServers,
 }
 
 /// The verification half: decides whether an envelope may run.
@@ -151,7 +154,7 @@ pub async fn execute(host: &Host, id: CommandId, command: Command) -> Outcome {
     }
     // Listed whether it succeeded or not: a failed deploy may still leave a container behind.
     let containers = if changes_containers {
-        Some(crate::containers::report(host.runtime.as_ref(), crate::containers::LIST_TIMEOUT).await)
+        Some(crate::containers::report(host.runtime.as_ref(), crate::containers::LIST_TIMEOUT, &host.servers).await)
     } else {
         None
     };
@@ -247,6 +250,35 @@ mod tests {
             other => panic!("expected the stored result, got {other:?}"),
         }
         assert!(refused(g.admit(&crashed)).contains("replay"));
+    }
+
+    /// The rollout driver after a controller restart: the same command id in a
+    /// newly signed envelope gets the first run's result, after an agent restart too.
+    #[test]
+    fn a_resigned_resend_of_the_same_id_gets_the_stored_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CommandKey::generate();
+        let id = CommandId::new();
+        let target = NodeId::new("gpu-1").unwrap();
+        let sign = || key.sign(id, &target, Command::Noop, DEFAULT_TTL, now_unix_ms()).unwrap();
+        {
+            let mut g = gate(dir.path(), &key);
+            let Admission::Run { id, .. } = g.admit(&sign()) else { panic!("should run") };
+            g.finish(&Outcome {
+                id: Some(id),
+                status: CommandStatus::Failed,
+                detail: "image missing".into(),
+                output: serde_json::json!({}),
+                containers: None,
+            });
+        }
+        let mut g = gate(dir.path(), &key);
+        match g.admit(&sign()) {
+            Admission::Answer(o) => {
+                assert_eq!((o.id, o.status, o.detail.as_str()), (Some(id), CommandStatus::Failed, "image missing"))
+            }
+            other => panic!("expected the stored result, got {other:?}"),
+        }
     }
 
     #[test]

@@ -3,16 +3,20 @@
 //! into `upstreams_dir/UPSTREAM.conf`, has nginx check (`-t`) and reload it, and
 //! reports success only once nginx serves the new weights' revision on the admin
 //! location the file defines. Any failure leaves the previous weights in force.
+//! With `access_log` set it also counts the traffic nginx proxies, per upstream
+//! server, from nginx's access log (`traffic`), for the rollout health gates.
 
 mod apply;
 mod nginx;
 pub mod render;
+pub mod traffic;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_common::command::GatewayWeights;
+use flotilla_common::model::GatewayInfo;
 use serde::Deserialize;
 
 /// `[gateway]` in the agent config. Absent: this agent is not a gateway.
@@ -36,6 +40,11 @@ pub struct GatewayConfig {
     /// Bound on each nginx run and on waiting for the reload to be confirmed.
     #[serde(with = "humantime_serde", default = "default_reload_timeout")]
     pub reload_timeout: Duration,
+    /// The access log nginx writes in the `flotilla` format
+    /// ([`traffic::LOG_FORMAT`]); when set, every telemetry batch carries the
+    /// per-server response counters read from it.
+    #[serde(default)]
+    pub access_log: Option<PathBuf>,
 }
 
 fn default_nginx() -> PathBuf {
@@ -68,6 +77,16 @@ impl GatewayConfig {
             return Err(format!("gateway.nginx_prefix {} is not a directory", prefix.display()));
         }
         ConfirmTarget::parse(&self.confirm_url).map_err(|e| format!("gateway.confirm_url: {e}"))?;
+        // The file itself may not exist yet (nginx creates it when it starts), but
+        // its directory must: a path nginx can never write is a typo.
+        if let Some(log) = &self.access_log
+            && !(log.is_absolute() && log.parent().is_some_and(Path::is_dir))
+        {
+            return Err(format!(
+                "gateway.access_log {} must be an absolute path in an existing directory",
+                log.display()
+            ));
+        }
         // Bounded so that a whole gateway-set (check, reload, confirm, and on failure a
         // second reload) ends well inside the controller's wait for the result.
         if self.reload_timeout < Duration::from_secs(1) || self.reload_timeout > Duration::from_secs(15) {
@@ -77,6 +96,23 @@ impl GatewayConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// How long `nginx -v` may take at startup: it prints and exits at once, so
+/// anything longer is a hung binary that must not hold the agent's start.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gateway role as the inventory reports it. A nginx that cannot be run is
+/// logged and reported with an empty version: the role is configured either way,
+/// and `gateway-set` will say what is wrong with nginx when it is used.
+pub async fn info(config: &GatewayConfig) -> GatewayInfo {
+    match nginx::version(&config.nginx, VERSION_TIMEOUT).await {
+        Ok(nginx_version) => GatewayInfo { nginx_version },
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell nginx's version; reporting the gateway role without it");
+            GatewayInfo::default()
+        }
     }
 }
 

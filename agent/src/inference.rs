@@ -11,6 +11,9 @@
 //! - `normalise`: applies the table (engine detection, renames, label dropping,
 //!   summing data-parallel ranks, bad-value checks);
 //! - `drift`: remembers mapped targets per endpoint, to report vanished ones;
+//! - `managed`: the model servers in the agent's own containers
+//!   (`inference: { port }` in their spec), scraped as endpoints named after
+//!   the container;
 //! - [`InferenceCollector`]: the async shell that runs a round over all endpoints.
 //!
 //! Series produced, each with an `endpoint` label: `flotilla_inference_up`,
@@ -33,6 +36,7 @@ mod engine;
 mod error;
 mod exposition;
 mod http;
+mod managed;
 mod mapping;
 mod normalise;
 mod scrape;
@@ -40,9 +44,10 @@ mod scrape;
 #[cfg(test)]
 mod fixture_tests;
 #[cfg(test)]
-mod test_server;
+pub(crate) mod test_server;
 
 pub use endpoint::{DEFAULT_TIMEOUT, InferenceEndpoint, MAX_TIMEOUT};
 pub use engine::Engine;
 pub use error::InferenceError;
+pub use managed::{ManagedServer, ManagedServers};
 pub use scrape::{EndpointReport, InferenceCollector, InferenceRound, MAX_METRICS_BYTES};

@@ -103,7 +103,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         }
     };
     let mut host = host::HostCollector::new().with_model_dir(config.model_dir.clone());
-    let inventory = build_inventory(&config, &mut host, gpu_source.as_ref());
+    let gateway_info = match &config.gateway {
+        Some(g) => Some(gateway::info(g).await),
+        None => None,
+    };
+    let inventory = build_inventory(&config, &mut host, gpu_source.as_ref(), gateway_info);
     tracing::info!(node_id = %node, controller = %config.controller, gpus = inventory.gpus.len(), gpu_source = inventory.gpu_source.as_str(), "agent starting");
 
     let simulation = gpu_source.simulation();
@@ -117,14 +121,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let commands_dir = config.data_dir.join("commands");
     let gate = executor::Gate::open(node.clone(), pinned, &commands_dir)
         .map_err(|source| AgentError::CommandState { path: commands_dir.display().to_string(), source })?;
+    let mut runtime_config = config.runtime.clone();
+    // Labels every container this agent creates with its node (`flotilla.node`).
+    runtime_config.node = Some(node.clone());
+    if config.gpu.source == GpuSourceChoice::Simulated {
+        // Said once, here: deploys still check `gpus` against the simulated ones.
+        tracing::info!(
+            "simulated GPUs are bookkeeping only: a container spec's gpus are checked and labelled (flotilla.gpus), \
+             but no device is requested from the container engine"
+        );
+        runtime_config.gpu_devices = runtime::GpuDevices::Bookkeeping;
+    }
+    // Filled by the container listings, read by the inference collector.
+    let managed_servers = inference::ManagedServers::default();
     let command_host = executor::Host {
         gpus: inventory.gpus.clone(),
-        runtime: std::sync::Arc::new(runtime::DockerRuntime::new(config.runtime.clone())),
+        runtime: std::sync::Arc::new(runtime::DockerRuntime::new(runtime_config)),
         recent: flotilla_common::logging::RecentEvents::global().clone(),
         gateway: match config.gateway.clone() {
             Some(g) => Some(std::sync::Arc::new(gateway::Gateway::new(g)?)),
             None => None,
         },
+        servers: managed_servers.clone(),
     };
     let uplink = uplink::Uplink::new(
         node,
@@ -138,8 +156,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     .with_simulation(simulation);
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel(1024);
-    let inference = inference::InferenceCollector::new(config.inference.clone())?;
-    let sources = collector::Sources { gpu: gpu_source, host, inference };
+    let inference =
+        inference::InferenceCollector::new(config.inference.clone())?.with_managed(managed_servers.subscribe());
+    let traffic =
+        config.gateway.as_ref().and_then(|g| g.access_log.as_deref()).map(gateway::traffic::TrafficCounters::new);
+    let sources = collector::Sources { gpu: gpu_source, host, inference, traffic };
     tracker.spawn(collector::run(sources, config.interval, tx, shutdown.child_token()));
     tracker.spawn(uplink.run(rx, shutdown.child_token()));
     tracker.close();
@@ -148,7 +169,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     Ok(())
 }
 
-fn build_inventory(config: &Config, host: &mut host::HostCollector, gpu: &dyn GpuSource) -> Inventory {
+fn build_inventory(
+    config: &Config,
+    host: &mut host::HostCollector,
+    gpu: &dyn GpuSource,
+    gateway: Option<flotilla_common::model::GatewayInfo>,
+) -> Inventory {
     let facts = host.facts();
     let g = gpu.inventory();
     Inventory {
@@ -165,6 +191,7 @@ fn build_inventory(config: &Config, host: &mut host::HostCollector, gpu: &dyn Gp
         cuda_version: g.cuda_version,
         labels: config.labels.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        gateway,
     }
 }
 

@@ -13,9 +13,25 @@
 //! - [`DockerRuntime`] (`docker`): the implementation against a real engine.
 //!
 //! Containers are named `NAME-REVISION` and carry the labels `flotilla.managed=true`,
-//! `flotilla.deployment`, `flotilla.revision` and `flotilla.spec-hash`, so an agent
-//! that restarts finds its containers again by label ([`Runtime::list_managed`]),
-//! and deploying a revision that already runs is a no-op.
+//! `flotilla.deployment`, `flotilla.revision`, `flotilla.spec-hash` and
+//! `flotilla.node` (the creating agent's node id), so an agent that restarts finds
+//! its containers again by label ([`Runtime::list_managed`]), and deploying a
+//! revision that already runs is a no-op. `flotilla.gpus` records
+//! the GPUs asked for (with simulated GPUs no device is requested, see
+//! [`GpuDevices`]); `flotilla.inference-port` (and `flotilla.inference-engine`)
+//! mark a model server the inference collector scrapes while it runs.
+//!
+//! Several agents may share one engine (the end-to-end tests run three against one
+//! Docker; a lab may too): give each a `[runtime] name_prefix` ([`NamePrefix`],
+//! `names`). The engine then knows a container as `{name_prefix}NAME-REVISION`,
+//! while the agent speaks of it as `NAME-REVISION` everywhere else: a
+//! [`Runtime`]'s methods take and return that name (container reports, command
+//! results, the `endpoint` label of a scraped model server), so the controller
+//! never sees a prefix. Listing returns only the managed containers named with the
+//! agent's prefix (and, with a prefix, not labelled for another node), so no agent
+//! reports or acts on another's. With the default empty prefix the engine's names
+//! are the agent's and every managed container is listed, as when the agent has
+//! the engine to itself.
 //!
 //! Spec example (every field but `name`, `revision` and `image` is optional):
 //! ```yaml
@@ -39,6 +55,7 @@
 //!   retries: 3
 //!   start_period: 10m
 //! labels: { team: search }
+//! inference: { port: 8000, engine: vllm }  # scraped as endpoint "llama-8b-7"; the port must be in ports
 //! ```
 
 mod docker;
@@ -47,6 +64,7 @@ mod error;
 pub mod fake;
 mod image_ref;
 mod info;
+mod names;
 mod render;
 mod spec;
 mod validate;
@@ -57,10 +75,14 @@ use std::time::Duration;
 pub use docker::{DockerRuntime, RuntimeConfig};
 pub use error::{RuntimeError, SpecError};
 pub use info::{BoundPort, ContainerInfo, ContainerState, HealthState, LogLine, LogStream};
-pub use render::{LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_PREFIX, LABEL_REVISION, LABEL_SPEC_HASH};
+pub use names::{MAX_NAME_PREFIX_LEN, NamePrefix, NamePrefixError};
+pub use render::{
+    GpuDevices, LABEL_DEPLOYMENT, LABEL_GPUS, LABEL_INFERENCE_ENGINE, LABEL_INFERENCE_PORT, LABEL_MANAGED, LABEL_NODE,
+    LABEL_PREFIX, LABEL_REVISION, LABEL_SPEC_HASH,
+};
 pub use spec::{
-    ByteSize, ContainerSpec, GpuRef, HealthCheck, HttpProbe, PortMapping, Protocol, RestartPolicy, ValidatedSpec,
-    VolumeMount,
+    ByteSize, ContainerSpec, GpuRef, HealthCheck, HttpProbe, InferenceServer, PortMapping, Protocol, RestartPolicy,
+    ValidatedSpec, VolumeMount,
 };
 
 /// How [`Runtime::remove`] treats a container that is still running.
@@ -76,6 +98,11 @@ pub enum RemoveMode {
 /// safe to repeat: commands are retried by id, so a second `deploy` of what runs
 /// returns it, a `stop` of a stopped container reports it stopped, and a `remove`
 /// of a missing one succeeds.
+///
+/// A `container` argument is the agent's name for it, `NAME-REVISION`, and every
+/// [`ContainerInfo::name`] returned is too: the runtime adds and strips the
+/// configured [`NamePrefix`]. (With an empty prefix the engine's id works as well,
+/// since the name goes to the engine as it is.)
 pub trait Runtime: Send + Sync {
     /// Creates and starts the container of `spec`, or returns the one that already
     /// runs this deployment and revision with the same spec.
@@ -104,7 +131,8 @@ pub trait Runtime: Send + Sync {
     /// The container's current state, health and port bindings.
     fn inspect(&self, container: &str) -> impl Future<Output = Result<ContainerInfo, RuntimeError>> + Send;
 
-    /// Every container labelled `flotilla.managed=true`, running or not.
+    /// Every container labelled `flotilla.managed=true` that is this agent's (see
+    /// [`NamePrefix`]), running or not.
     fn list_managed(&self) -> impl Future<Output = Result<Vec<ContainerInfo>, RuntimeError>> + Send;
 
     /// Whether `image` is present locally (nothing is ever pulled).

@@ -267,8 +267,12 @@ impl Uplink {
         let (tx, rx) = mpsc::channel(256);
         // Listed afresh on every connect: after a restart this is how the
         // controller learns which containers the agent re-found by label.
-        let containers =
-            crate::containers::report(self.commands.host.runtime.as_ref(), crate::containers::LIST_TIMEOUT).await;
+        let containers = crate::containers::report(
+            self.commands.host.runtime.as_ref(),
+            crate::containers::LIST_TIMEOUT,
+            &self.commands.host.servers,
+        )
+        .await;
         self.note_runtime(&containers);
         let mut inventory = pb::Inventory::from(self.inventory.clone());
         inventory.containers = Some(containers.clone().into());
@@ -356,6 +360,7 @@ impl Uplink {
         let runtime = &self.commands.host.runtime;
         let mut relister = crate::containers::Relister::new(
             std::sync::Arc::clone(runtime),
+            self.commands.host.servers.clone(),
             runtime.config().relist_interval,
             crate::containers::LIST_TIMEOUT,
         );

@@ -47,6 +47,16 @@ pub struct Inventory {
     pub cuda_version: String,
     pub labels: BTreeMap<String, String>,
     pub agent_version: String,
+    /// The gateway role, when the agent has one (a `[gateway]` section).
+    pub gateway: Option<GatewayInfo>,
+}
+
+/// An agent's gateway role: it runs nginx and accepts `gateway-set`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GatewayInfo {
+    /// `nginx -v`'s version (`nginx/1.22.1`); empty when nginx could not be run
+    /// at agent startup.
+    pub nginx_version: String,
 }
 
 /// The containers an agent manages, as it last listed them. Kept apart from

@@ -63,7 +63,18 @@ impl CommandCenter {
         command: &Command,
         now_unix_ms: i64,
     ) -> Result<(CommandId, SignedEnvelope, oneshot::Receiver<CommandReply>), KeyError> {
-        let id = CommandId::new();
+        self.prepare_as(CommandId::new(), node, command, now_unix_ms)
+    }
+
+    /// [`Self::prepare`] under a given id: a resent command keeps its id, so the
+    /// agent answers with its stored result instead of running it again.
+    pub fn prepare_as(
+        &self,
+        id: CommandId,
+        node: &NodeId,
+        command: &Command,
+        now_unix_ms: i64,
+    ) -> Result<(CommandId, SignedEnvelope, oneshot::Receiver<CommandReply>), KeyError> {
         let signed = self.key.sign(id, node, command, DEFAULT_TTL, now_unix_ms)?;
         let (tx, rx) = oneshot::channel();
         self.waiting().insert(id, (node.clone(), tx));
@@ -90,6 +101,49 @@ impl CommandCenter {
     /// Forgets a command nobody waits for any more.
     pub fn abandon(&self, id: &CommandId) {
         self.waiting().remove(id);
+    }
+}
+
+/// Why a command got no result.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("node {0} is not connected")]
+    NotConnected(NodeId),
+    #[error("node {0}'s stream closed or is busy; the command was not sent")]
+    NotSent(NodeId),
+    #[error("signing the command failed: {0}")]
+    Sign(#[from] KeyError),
+    #[error("no result from {node} within {}s for command {id}; the node may still be running it", wait.as_secs())]
+    NoResult { node: NodeId, id: CommandId, wait: Duration },
+}
+
+/// Sends a prepared envelope down `node`'s stream and waits for its result.
+/// The waiter is dropped on every failure.
+pub async fn deliver(
+    registry: &crate::registry::Registry,
+    center: &CommandCenter,
+    node: &NodeId,
+    prepared: (CommandId, SignedEnvelope, oneshot::Receiver<CommandReply>),
+    wait: Duration,
+) -> Result<CommandReply, DispatchError> {
+    let (id, signed, reply) = prepared;
+    let Some(session) = registry.session(node) else {
+        center.abandon(&id);
+        return Err(DispatchError::NotConnected(node.clone()));
+    };
+    let sent =
+        tokio::time::timeout(Duration::from_secs(5), session.downlink.send(crate::registry::Downlink::Command(signed)))
+            .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        center.abandon(&id);
+        return Err(DispatchError::NotSent(node.clone()));
+    }
+    match tokio::time::timeout(wait, reply).await {
+        Ok(Ok(reply)) => Ok(reply),
+        _ => {
+            center.abandon(&id);
+            Err(DispatchError::NoResult { node: node.clone(), id, wait })
+        }
     }
 }
 

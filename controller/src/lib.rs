@@ -19,6 +19,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod query;
 pub mod registry;
+pub mod rollout;
 pub mod rollup;
 pub mod selector;
 pub mod series;

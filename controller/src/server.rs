@@ -67,8 +67,23 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
         public_key = %crate::commands::public_key_path(&config.data_dir).display(),
         "command signing key ready; agents pin its public key (command_key)"
     );
+    let commands = std::sync::Arc::new(commands);
+    let rollouts = {
+        let deps = crate::rollout::driver::Deps {
+            store: store.clone(),
+            registry: registry.clone(),
+            commands: commands.clone(),
+            view: view.clone(),
+        };
+        let (work, tracker) = (work.clone(), tracker.clone());
+        tokio::task::spawn_blocking(move || crate::rollout::Rollouts::start(deps, work, &tracker))
+            .await
+            .map_err(|e| ControllerError::Startup(format!("rollouts: {e}")))?
+            .map_err(|e| ControllerError::Startup(format!("rollouts: {e}")))?
+    };
     let ctx = Context {
-        commands: std::sync::Arc::new(commands),
+        commands,
+        rollouts,
         store: store.clone(),
         registry: registry.clone(),
         committer,

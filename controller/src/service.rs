@@ -17,6 +17,7 @@ pub struct Context {
     pub shutdown: tokio_util::sync::CancellationToken,
     pub tracker: tokio_util::task::TaskTracker,
     pub alerts: crate::alert::engine::Engine,
+    pub rollouts: crate::rollout::Rollouts,
 }
 
 impl std::fmt::Debug for Context {

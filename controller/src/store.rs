@@ -4,7 +4,7 @@
 //! Architecture Invariant: anything acknowledged to an agent or operator has been
 //! flushed to disk by a `commit_*` method first.
 
-mod codec;
+pub(crate) mod codec;
 mod keys;
 mod sled_store;
 
@@ -18,7 +18,7 @@ use crate::rollup::{Aggregate, MinuteRollup, SeriesKey};
 pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 
 /// The schema this build writes. Bump it with a migration in `sled_store`.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What the controller keeps about a node across restarts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +133,17 @@ pub trait Store: Send + Sync + 'static {
     fn commit_silence(&self, silence: &Silence) -> Result<(), StoreError>;
     /// Every silence, expired ones included.
     fn silences(&self) -> Result<Vec<Silence>, StoreError>;
+    /// Saves a deployment and (when given) one of its rollouts in one
+    /// transaction, and flushes: a rollout step is durable before its commands go.
+    fn commit_deployment(
+        &self,
+        deployment: &crate::rollout::Deployment,
+        rollout: Option<&crate::rollout::Rollout>,
+    ) -> Result<(), StoreError>;
+    /// Every deployment, by name.
+    fn deployments(&self) -> Result<Vec<crate::rollout::Deployment>, StoreError>;
+    /// The rollouts of `deployment`, oldest first.
+    fn rollouts(&self, deployment: &str) -> Result<Vec<crate::rollout::Rollout>, StoreError>;
 }
 
 /// One atomic change to the alert trees.

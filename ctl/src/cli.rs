@@ -83,6 +83,92 @@ pub enum Command {
     /// Alert rules: check a file, list the loaded rules, reload.
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// Deployments: apply a spec, preview its plan, list, show history.
+    #[command(subcommand)]
+    Deploy(DeployCmd),
+    /// Rollouts: follow one, pause, resume, abort or undo it.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeployCmd {
+    /// Apply a deployment spec: a new revision and the rollout to it (nothing when the
+    /// serving revision already has this spec).
+    Apply {
+        /// The deployment spec (YAML).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Show the rollout plan a spec would get, without storing or starting anything.
+    Plan {
+        /// The deployment spec (YAML).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Every deployment with its serving revision, replicas and latest rollout.
+    Ls {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// A deployment's revisions and rollouts, oldest first.
+    History {
+        /// Deployment name.
+        name: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// A rollout's state, step, gateway weights, gate readings and recent events.
+    Status {
+        /// Deployment name.
+        name: String,
+        /// This rollout [default: the running or latest one].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        number: Option<u64>,
+        /// Poll until the rollout ends (succeeded, rolled_back, failed or aborted); with
+        /// -o json, one compact JSON object a line.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// With --watch: how often to poll, e.g. 1s or 500ms.
+        #[arg(long, default_value = "1s", value_parser = parse_interval, requires = "watch")]
+        interval: std::time::Duration,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Hold the running rollout where it is: no next step starts and the gateway weights stay.
+    Pause(RolloutOpArgs),
+    /// Resume a paused rollout (this also promotes one that awaits promotion).
+    Resume(RolloutOpArgs),
+    /// Stop the running rollout and go back to the previous revision, traffic first.
+    Abort(RolloutOpArgs),
+    /// Abort the running rollout, or roll back to the last stable revision.
+    Undo(RolloutOpArgs),
+}
+
+/// The arguments of a rollout operation.
+#[derive(Debug, Clone, Args)]
+pub struct RolloutOpArgs {
+    /// Deployment name.
+    pub name: String,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// A watch interval: at least 100 ms, so a typo cannot hammer the controller.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err("the interval must be at least 100ms".to_owned());
+    }
+    Ok(d)
 }
 
 /// Alert states to filter on.

@@ -3,10 +3,12 @@
 mod alerts;
 mod audit;
 mod context;
+mod deploy;
 mod exec;
 mod metrics;
 mod nodes;
 mod pki;
+mod rollout;
 mod sim;
 
 use crate::cli::{Cli, Command};
@@ -40,6 +42,14 @@ pub async fn dispatch(cli: Cli, env: Env) -> anyhow::Result<()> {
         Command::Rules(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
             alerts::rules(cmd, &conn).await
+        }
+        Command::Deploy(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            deploy::run(cmd, &conn).await
+        }
+        Command::Rollout(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            rollout::run(cmd, &conn).await
         }
         Command::Sim(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;

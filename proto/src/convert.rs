@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use flotilla_common::model::{
-    CollectorStatus, FilesystemSample, GpuInfo, GpuProcess, GpuSample, GpuSourceKind, HostSample, Inventory,
-    NetworkSample, NodeState, Sample, TelemetryBatch, XidCount,
+    CollectorStatus, FilesystemSample, GatewayInfo, GpuInfo, GpuProcess, GpuSample, GpuSourceKind, HostSample,
+    Inventory, NetworkSample, NodeState, Sample, TelemetryBatch, XidCount,
 };
 
 use crate::pb;
@@ -139,6 +139,13 @@ impl TryFrom<pb::Inventory> for Inventory {
                 return Err(err("inventory.gpu_source", format!("unknown source {other:?}")));
             }
         };
+        let gateway = match w.gateway {
+            Some(g) => {
+                check_str("inventory.gateway.nginx_version", &g.nginx_version, &l)?;
+                Some(GatewayInfo { nginx_version: g.nginx_version })
+            }
+            None => None,
+        };
         Ok(Inventory {
             hostname: w.hostname,
             os: w.os,
@@ -153,6 +160,7 @@ impl TryFrom<pb::Inventory> for Inventory {
             cuda_version: w.cuda_version,
             labels: labels_from_wire("inventory.labels", w.labels, &l)?,
             agent_version: w.agent_version,
+            gateway,
         })
     }
 }
@@ -194,6 +202,7 @@ impl From<Inventory> for pb::Inventory {
             gpu_source: d.gpu_source.as_str().to_owned(),
             // Live state, not part of the stored inventory: the caller adds it.
             containers: None,
+            gateway: d.gateway.map(|g| pb::GatewayInfo { nginx_version: g.nginx_version }),
         }
     }
 }
@@ -505,5 +514,22 @@ mod tests {
         let mut w = pb::TelemetryBatch::from(batch());
         w.samples[0].name = "bad name".into();
         assert!(TelemetryBatch::try_from(w).is_err());
+    }
+
+    #[test]
+    fn the_gateway_role_round_trips_and_is_checked() {
+        let with = Inventory {
+            hostname: "gw".into(),
+            gateway: Some(GatewayInfo { nginx_version: "nginx/1.22.1".into() }),
+            ..Default::default()
+        };
+        assert_eq!(Inventory::try_from(pb::Inventory::from(with.clone())).unwrap(), with);
+        let without = Inventory { hostname: "gpu".into(), ..Default::default() };
+        let wire = pb::Inventory::from(without.clone());
+        assert_eq!(wire.gateway, None, "no role, no message");
+        assert_eq!(Inventory::try_from(wire).unwrap(), without);
+        let mut bad = pb::Inventory::from(with);
+        bad.gateway = Some(pb::GatewayInfo { nginx_version: "x\ny".into() });
+        assert_eq!(Inventory::try_from(bad).unwrap_err().field, "inventory.gateway.nginx_version");
     }
 }

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use flotilla_common::pki::{self, CaInit, CertPaths};
 use flotilla_common::{Identity, NodeId, Role};
 
+pub mod nginx;
+
 /// How long `eventually` waits by default: a hang guard, not a speed claim.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 

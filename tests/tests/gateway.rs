@@ -10,11 +10,9 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::io::{BufRead, Write};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use flotilla_tests::nginx::Nginx;
 use flotilla_tests::{Agent, AgentOpts, Controller, Pki, eventually, flotctl, free_port, http_get, wait_state};
 
 /// An HTTP backend on a loopback port that answers every request with `body`.
@@ -41,124 +39,21 @@ fn backend(body: &'static str) -> u16 {
     port
 }
 
-/// nginx under `dir`, proxying `127.0.0.1:public` to upstream `llama`, which
-/// starts out as `first` alone. Stopped when dropped.
-struct Nginx {
-    binary: PathBuf,
-    dir: PathBuf,
-    public: u16,
-}
-
-impl Nginx {
-    fn start(dir: &Path, first: u16) -> Self {
-        let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-            .expect("nginx is missing: install the Debian package nginx (./x test does)");
-        std::fs::create_dir_all(dir.join("upstreams")).unwrap();
-        std::fs::create_dir_all(dir.join("tmp")).unwrap();
-        // Run as root (as CI may), nginx would hand its workers to `nobody`, who
-        // cannot enter the private temp dir; as anyone else `user` is ignored.
-        let probe = dir.join("owner");
-        std::fs::write(&probe, "").unwrap();
-        let user = if std::fs::metadata(&probe).unwrap().uid() == 0 { "user root;" } else { "" };
-        let d = dir.display();
-        let public = free_port();
-        // The operator's config is deploy/nginx/nginx.conf.example, with every path
-        // nginx writes moved under the temp dir (`nginx -V` shows the compiled-in
-        // /var/lib/nginx temp paths), the public port on loopback, and one worker,
-        // so that its smooth weighted round-robin is the only balancer.
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nginx/nginx.conf.example");
-        let mut conf = std::fs::read_to_string(example).unwrap();
-        let temp = format!(
-            "http {{\n    client_body_temp_path {d}/tmp/body;\n    proxy_temp_path {d}/tmp/proxy;\n    \
-             fastcgi_temp_path {d}/tmp/fastcgi;\n    uwsgi_temp_path {d}/tmp/uwsgi;\n    scgi_temp_path {d}/tmp/scgi;\n"
-        );
-        for (from, to) in [
-            ("user www-data;", user.to_owned()),
-            ("worker_processes auto;", "worker_processes 1;".to_owned()),
-            ("pid /run/nginx.pid;", format!("pid {d}/nginx.pid;")),
-            ("error_log /var/log/nginx/error.log;", format!("error_log {d}/error.log info;")),
-            ("access_log /var/log/nginx/access.log;", "access_log off;".to_owned()),
-            ("include /etc/nginx/flotilla-upstreams/*.conf;", format!("include {d}/upstreams/*.conf;")),
-            ("listen 8080;", format!("listen 127.0.0.1:{public};")),
-            ("http {\n", temp),
-        ] {
-            assert!(conf.contains(from), "nginx.conf.example no longer has {from:?}");
-            conf = conf.replacen(from, &to, 1);
+/// Sends `n` requests through nginx's public port; how many each backend answered.
+fn traffic(nginx: &Nginx, n: usize) -> (usize, usize) {
+    nginx.wait_for_one_worker();
+    let addr = nginx.public_addr();
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..n {
+        let (status, body) = http_get(&addr, "/v1/completions").unwrap();
+        assert_eq!(status, 200, "{body}");
+        match body.as_str() {
+            "v1" => v1 += 1,
+            "v2" => v2 += 1,
+            other => panic!("unexpected answer {other:?}"),
         }
-        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        // The bootstrap file an operator writes before the first start.
-        std::fs::write(dir.join("upstreams/llama.conf"), format!("upstream llama {{ server 127.0.0.1:{first}; }}\n"))
-            .unwrap();
-        let nginx = Self { binary, dir: dir.to_owned(), public };
-        let out = nginx.command(&[]).output().unwrap();
-        assert!(out.status.success(), "nginx did not start: {}", String::from_utf8_lossy(&out.stderr));
-        nginx
     }
-
-    fn command(&self, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("-p").arg(&self.dir).arg("-c").arg(self.dir.join("nginx.conf")).args(extra);
-        cmd
-    }
-
-    /// The agent's `[gateway]` section for this nginx.
-    fn agent_section(&self, admin: u16) -> String {
-        format!(
-            "[gateway]\nnginx = \"{}\"\nconfig = \"{}\"\nupstreams_dir = \"{}\"\nnginx_prefix = \"{}\"\n\
-             confirm_url = \"http://127.0.0.1:{admin}/flotilla-gateway\"\nreload_timeout = \"10s\"\n",
-            self.binary.display(),
-            self.dir.join("nginx.conf").display(),
-            self.dir.join("upstreams").display(),
-            self.dir.display()
-        )
-    }
-
-    /// Waits until the master has one child: after a reload the old worker keeps
-    /// accepting connections (with the old weights) for a moment while it exits,
-    /// which is nginx's graceful reload, not something the agent's confirmation
-    /// can see. Measuring after it is gone makes the shares exact.
-    fn wait_for_one_worker(&self) {
-        let master = std::fs::read_to_string(self.dir.join("nginx.pid")).unwrap().trim().to_owned();
-        eventually("the old nginx worker to exit", |last| {
-            let children: Vec<String> = std::fs::read_dir("/proc")
-                .unwrap()
-                .flatten()
-                .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-                // `pid (comm) state ppid ...`: comm may hold spaces, so split after it.
-                .filter(|stat| {
-                    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)) == Some(master.as_str())
-                })
-                .collect();
-            *last = format!("{} children of {master}", children.len());
-            (children.len() == 1).then_some(())
-        });
-    }
-
-    /// Sends `n` requests through nginx's public port; how many each backend answered.
-    fn traffic(&self, n: usize) -> (usize, usize) {
-        self.wait_for_one_worker();
-        let addr = format!("127.0.0.1:{}", self.public);
-        let (mut v1, mut v2) = (0, 0);
-        for _ in 0..n {
-            let (status, body) = http_get(&addr, "/v1/completions").unwrap();
-            assert_eq!(status, 200, "{body}");
-            match body.as_str() {
-                "v1" => v1 += 1,
-                "v2" => v2 += 1,
-                other => panic!("unexpected answer {other:?}"),
-            }
-        }
-        (v1, v2)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.command(&["-s", "stop"]).output();
-    }
+    (v1, v2)
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {
@@ -175,7 +70,7 @@ fn gateway_set_shifts_traffic_through_a_real_nginx() {
     let url = controller.url();
     let (v1, v2) = (backend("v1"), backend("v2"));
     let nginx = Nginx::start(&dir.path().join("nginx"), v1);
-    assert_eq!(nginx.traffic(10), (10, 0), "the bootstrap file sends everything to v1");
+    assert_eq!(traffic(&nginx, 10), (10, 0), "the bootstrap file sends everything to v1");
 
     let key = format!("command_key = \"{}\"\n", controller.data_dir.join("command-signing.pub").display());
     let gateway_toml = format!("{key}{}", nginx.agent_section(free_port()));
@@ -199,7 +94,7 @@ fn gateway_set_shifts_traffic_through_a_real_nginx() {
     assert_eq!(v["servers"][1]["weight"], 10);
     assert!(v["reload_ms"].is_u64() && v["revision"].as_str().unwrap().len() == 16, "{v}");
     let first_revision = v["revision"].clone();
-    let (to_v1, to_v2) = nginx.traffic(400);
+    let (to_v1, to_v2) = traffic(&nginx, 400);
     assert_eq!(to_v1 + to_v2, 400);
     eprintln!("90/10: v2 answered {to_v2} of 400");
     assert!((36..=44).contains(&to_v2), "v2 answered {to_v2} of 400, want 10 % ± 1 point");
@@ -213,7 +108,7 @@ fn gateway_set_shifts_traffic_through_a_real_nginx() {
     let v = json(&out);
     assert_eq!(v["status"], "succeeded", "{v}");
     assert_ne!(v["revision"], first_revision);
-    assert_eq!(nginx.traffic(100), (0, 100));
+    assert_eq!(traffic(&nginx, 100), (0, 100));
 
     let live = std::fs::read_to_string(dir.path().join("nginx/upstreams/llama.conf")).unwrap();
     assert!(live.contains(&format!("server 127.0.0.1:{v1} down;")), "{live}");
@@ -231,7 +126,7 @@ fn gateway_set_shifts_traffic_through_a_real_nginx() {
     assert!(detail.contains("invalid parameter \"weight=0\"") && detail.contains("hand-edited.conf"), "{detail}");
     assert!(detail.contains("nginx -t rejected") && detail.contains("previous file is back"), "{detail}");
     assert_eq!(std::fs::read_to_string(dir.path().join("nginx/upstreams/llama.conf")).unwrap(), live);
-    assert_eq!(nginx.traffic(100), (0, 100));
+    assert_eq!(traffic(&nginx, 100), (0, 100));
     std::fs::remove_file(&broken).unwrap();
 
     // Refused before signing: flotctl checks the weights (usage error, exit 64).
@@ -245,7 +140,7 @@ fn gateway_set_shifts_traffic_through_a_real_nginx() {
     let v = json(&out);
     assert_eq!(v["status"], "failed", "{v}");
     assert!(v["detail"].as_str().unwrap().contains("not a gateway"), "{v}");
-    assert_eq!(nginx.traffic(20), (0, 20));
+    assert_eq!(traffic(&nginx, 20), (0, 20));
 
     // nginx is not running: the file passes `nginx -t` but the reload fails, and
     // the previous file is put back.

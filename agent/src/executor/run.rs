@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use flotilla_common::command::{Command, CommandStatus, GatewayWeights};
+use flotilla_common::model::GpuInfo;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -38,47 +39,62 @@ pub async fn run(host: &Host, command: Command) -> Done {
             prestart(host, model_path.as_deref(), min_free_bytes, image.as_deref()).await
         }
         Command::Diagnostics { log_lines } => diagnostics(host, log_lines).await,
-        Command::Inspect { container } => match rt.inspect(&container).await {
-            Ok(info) => (
-                CommandStatus::Succeeded,
-                format!("{} is {:?}", info.name, info.state).to_lowercase(),
-                info_json(&info),
-            ),
-            Err(e) => failed(e.to_string()),
-        },
-        Command::Logs { container, tail } => match rt.logs(&container, tail as usize).await {
-            Ok(lines) => {
-                let lines: Vec<String> = lines.iter().map(ToString::to_string).collect();
-                (CommandStatus::Succeeded, format!("{} lines", lines.len()), json!({ "lines": lines }))
-            }
-            Err(e) => failed(e.to_string()),
-        },
-        Command::Stop { container, timeout_s } => {
-            match rt.stop(&container, Duration::from_secs(u64::from(timeout_s))).await {
-                Ok(info) => (CommandStatus::Succeeded, format!("{container} stopped"), info_json(&info)),
-                Err(e) => failed(e.to_string()),
-            }
-        }
-        Command::Restart { container, timeout_s } => {
-            match rt.restart(&container, Duration::from_secs(u64::from(timeout_s))).await {
-                Ok(info) => (CommandStatus::Succeeded, format!("{container} restarted"), info_json(&info)),
-                Err(e) => failed(e.to_string()),
-            }
-        }
-        Command::Deploy { spec_yaml } => {
-            let spec = match ContainerSpec::from_yaml(&spec_yaml).and_then(|s| s.validate(&host.gpus)) {
-                Ok(s) => s,
-                Err(e) => return failed(format!("container spec refused: {e}")),
-            };
-            match rt.deploy(&spec).await {
-                Ok(info) => (CommandStatus::Succeeded, format!("{} running", info.name), info_json(&info)),
-                Err(e) => failed(e.to_string()),
-            }
-        }
+        Command::Inspect { container } => inspect(rt, &container).await,
+        Command::Logs { container, tail } => logs(rt, &container, tail).await,
+        Command::Stop { container, timeout_s } => stop(rt, &container, timeout_s).await,
+        Command::Restart { container, timeout_s } => restart(rt, &container, timeout_s).await,
+        Command::Deploy { spec_yaml } => deploy(rt, &host.gpus, &spec_yaml).await,
         Command::Drain { container, endpoint, deadline_s, timeout_s } => {
-            drain(host, &container, &endpoint, Duration::from_secs(u64::from(deadline_s)), timeout_s).await
+            drain(rt, &container, &endpoint, Duration::from_secs(u64::from(deadline_s)), timeout_s).await
         }
         Command::GatewaySet(weights) => gateway_set(host, &weights).await,
+    }
+}
+
+// The container commands take the container as the controller names it
+// (`NAME-REVISION`); the runtime adds this agent's `name_prefix` for the engine.
+
+async fn inspect<R: Runtime>(rt: &R, container: &str) -> Done {
+    match rt.inspect(container).await {
+        Ok(info) => {
+            (CommandStatus::Succeeded, format!("{} is {:?}", info.name, info.state).to_lowercase(), info_json(&info))
+        }
+        Err(e) => failed(e.to_string()),
+    }
+}
+
+async fn logs<R: Runtime>(rt: &R, container: &str, tail: u32) -> Done {
+    match rt.logs(container, tail as usize).await {
+        Ok(lines) => {
+            let lines: Vec<String> = lines.iter().map(ToString::to_string).collect();
+            (CommandStatus::Succeeded, format!("{} lines", lines.len()), json!({ "lines": lines }))
+        }
+        Err(e) => failed(e.to_string()),
+    }
+}
+
+async fn stop<R: Runtime>(rt: &R, container: &str, timeout_s: u32) -> Done {
+    match rt.stop(container, Duration::from_secs(u64::from(timeout_s))).await {
+        Ok(info) => (CommandStatus::Succeeded, format!("{container} stopped"), info_json(&info)),
+        Err(e) => failed(e.to_string()),
+    }
+}
+
+async fn restart<R: Runtime>(rt: &R, container: &str, timeout_s: u32) -> Done {
+    match rt.restart(container, Duration::from_secs(u64::from(timeout_s))).await {
+        Ok(info) => (CommandStatus::Succeeded, format!("{container} restarted"), info_json(&info)),
+        Err(e) => failed(e.to_string()),
+    }
+}
+
+async fn deploy<R: Runtime>(rt: &R, gpus: &[GpuInfo], spec_yaml: &str) -> Done {
+    let spec = match ContainerSpec::from_yaml(spec_yaml).and_then(|s| s.validate(gpus)) {
+        Ok(s) => s,
+        Err(e) => return failed(format!("container spec refused: {e}")),
+    };
+    match rt.deploy(&spec).await {
+        Ok(info) => (CommandStatus::Succeeded, format!("{} running", info.name), info_json(&info)),
+        Err(e) => failed(e.to_string()),
     }
 }
 
@@ -233,7 +249,8 @@ async fn diagnostics(host: &Host, log_lines: u32) -> Done {
         Ok(list) => {
             let mut out = Vec::new();
             for c in list {
-                let logs = match host.runtime.logs(&c.id, log_lines as usize).await {
+                // By name: the runtime speaks the agent's names, not the engine's ids.
+                let logs = match host.runtime.logs(&c.name, log_lines as usize).await {
                     Ok(lines) => lines.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     Err(e) => vec![format!("(logs unavailable: {e})")],
                 };
@@ -266,7 +283,7 @@ async fn running_requests(collector: &mut InferenceCollector) -> Option<f64> {
     (!running.is_empty()).then(|| running.iter().sum())
 }
 
-async fn drain(host: &Host, container: &str, endpoint: &str, deadline: Duration, timeout_s: u32) -> Done {
+async fn drain<R: Runtime>(rt: &R, container: &str, endpoint: &str, deadline: Duration, timeout_s: u32) -> Done {
     let started = Instant::now();
     let mut collector = match InferenceCollector::new(vec![InferenceEndpoint::new("drain", endpoint)]) {
         Ok(c) => c,
@@ -281,7 +298,7 @@ async fn drain(host: &Host, container: &str, endpoint: &str, deadline: Duration,
         reached_zero = last == Some(0.0);
     }
     let waited_ms = started.elapsed().as_millis() as u64;
-    let stopped = host.runtime.stop(container, Duration::from_secs(u64::from(timeout_s))).await;
+    let stopped = rt.stop(container, Duration::from_secs(u64::from(timeout_s))).await;
     let output = json!({
         "in_flight_at_start": at_start,
         "in_flight_at_stop": last,
@@ -300,5 +317,66 @@ async fn drain(host: &Host, container: &str, endpoint: &str, deadline: Duration,
             output,
         ),
         Err(e) => (CommandStatus::Failed, format!("stopping {container}: {e}"), output),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::test_server::{Reply, TestServer};
+    use crate::runtime::fake::FakeRuntime;
+    use crate::runtime::{ContainerState, Runtime};
+
+    const SPEC: &str = "name: m\nrevision: '1'\nimage: img:1\n";
+
+    /// Two agents on one engine, each with its `name_prefix`, both running `m-1`.
+    async fn two_agents() -> (FakeRuntime, FakeRuntime, FakeRuntime) {
+        let engine = FakeRuntime::with_images(["img:1"]);
+        let (a, b) = (engine.sharing("gpu-1.", "gpu-1"), engine.sharing("gpu-2.", "gpu-2"));
+        for agent in [&a, &b] {
+            let (status, detail, output) = deploy(agent, &[], SPEC).await;
+            assert_eq!(status, CommandStatus::Succeeded, "{detail}");
+            assert_eq!((detail.as_str(), output["name"].as_str()), ("m-1 running", Some("m-1")), "no prefix told");
+        }
+        assert_eq!(engine.engine_names(), ["gpu-1.m-1", "gpu-2.m-1"]);
+        (engine, a, b)
+    }
+
+    async fn state_of(agent: &FakeRuntime) -> ContainerState {
+        agent.inspect("m-1").await.unwrap().state
+    }
+
+    #[tokio::test]
+    async fn commands_name_containers_without_the_prefix_and_reach_only_their_own() {
+        let (engine, a, b) = two_agents().await;
+        let (status, detail, output) = stop(&a, "m-1", 1).await;
+        assert_eq!(
+            (status, detail.as_str(), output["name"].as_str()),
+            (CommandStatus::Succeeded, "m-1 stopped", Some("m-1"))
+        );
+        assert!(engine.calls().contains(&"stop gpu-1.m-1".to_owned()), "{:?}", engine.calls());
+        assert_eq!((state_of(&a).await, state_of(&b).await), (ContainerState::Exited, ContainerState::Running));
+
+        let (status, detail, _) = inspect(&a, "m-1").await;
+        assert_eq!((status, detail.as_str()), (CommandStatus::Succeeded, "m-1 is exited"));
+        engine.set_logs("gpu-2.m-1", &["b's line"]);
+        let (_, _, output) = logs(&b, "m-1", 10).await;
+        assert_eq!(output["lines"][0].as_str().map(|l| l.contains("b's line")), Some(true), "{output}");
+        let (status, _, _) = restart(&a, "m-1", 1).await;
+        assert_eq!((status, state_of(&a).await), (CommandStatus::Succeeded, ContainerState::Running));
+        let (status, detail, _) = stop(&a, "gpu-2.m-1", 1).await;
+        assert_eq!(status, CommandStatus::Failed, "another agent's container is out of reach: {detail}");
+    }
+
+    #[tokio::test]
+    async fn a_drain_stops_the_prefixed_container_by_its_unprefixed_name() {
+        let (engine, a, b) = two_agents().await;
+        let page = "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0\n";
+        let server = TestServer::start([("/metrics", Reply::Body(page.to_owned()))]).await;
+        let (status, detail, output) = drain(&b, "m-1", &server.url, Duration::from_secs(5), 1).await;
+        assert_eq!(status, CommandStatus::Succeeded, "{detail} {output}");
+        assert!(detail.ends_with("then stopped m-1"), "{detail}");
+        assert!(engine.calls().contains(&"stop gpu-2.m-1".to_owned()), "{:?}", engine.calls());
+        assert_eq!((state_of(&a).await, state_of(&b).await), (ContainerState::Running, ContainerState::Exited));
     }
 }

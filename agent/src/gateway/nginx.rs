@@ -2,7 +2,7 @@
 //! `-c` and `-p` as the operator's nginx), and the confirmation GET against the
 //! admin server the rendered file defines.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::time::Duration;
 
@@ -18,6 +18,38 @@ use super::{ConfirmTarget, GatewayConfig};
 
 /// The most of nginx's stderr carried into a result.
 const MAX_REASON: usize = 2000;
+
+/// The longest version text reported: the controller refuses longer strings.
+const MAX_VERSION: usize = 200;
+
+/// What `nginx -v` says after `nginx version: ` (`nginx/1.22.1`), or why it
+/// could not be learned.
+pub(crate) async fn version(binary: &Path, timeout: Duration) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.arg("-v").stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let shown = format!("{} -v", binary.display());
+    let output = match tokio::time::timeout(timeout, cmd.output()).await {
+        Err(_) => return Err(format!("{shown} did not finish within {}", humantime::format_duration(timeout))),
+        Ok(Err(e)) => return Err(format!("cannot run {shown}: {e}")),
+        Ok(Ok(output)) => output,
+    };
+    if !output.status.success() {
+        return Err(format!("{shown} failed ({})", output.status));
+    }
+    // nginx writes it to stderr; some builds and wrappers use stdout.
+    let text = [output.stderr, output.stdout].concat();
+    let text = String::from_utf8_lossy(&text);
+    let found = text.lines().find_map(|l| l.trim().strip_prefix("nginx version:")).map(str::trim);
+    let Some(found) = found.filter(|v| !v.is_empty()) else {
+        return Err(format!("{shown} printed no \"nginx version:\" line"));
+    };
+    let mut clean: String = found.chars().filter(|c| !c.is_control()).collect();
+    if clean.len() > MAX_VERSION {
+        let cut = (0..=MAX_VERSION).rev().find(|&i| clean.is_char_boundary(i)).unwrap_or(0);
+        clean.truncate(cut);
+    }
+    Ok(clean)
+}
 
 /// Runs the configured nginx binary.
 #[derive(Debug, Clone)]
@@ -129,5 +161,34 @@ impl NginxControl for Nginx {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn the_version_comes_from_nginx_v() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = script(dir.path(), "nginx", "echo 'nginx version: nginx/1.22.1' >&2");
+        assert_eq!(version(&ok, Duration::from_secs(10)).await.unwrap(), "nginx/1.22.1");
+        let silent = script(dir.path(), "silent", "true");
+        assert!(version(&silent, Duration::from_secs(10)).await.unwrap_err().contains("no \"nginx version:\""));
+        let failing = script(dir.path(), "failing", "exit 3");
+        assert!(version(&failing, Duration::from_secs(10)).await.unwrap_err().contains("failed"));
+        let missing = version(&dir.path().join("nope"), Duration::from_secs(10)).await.unwrap_err();
+        assert!(missing.contains("cannot run"), "{missing}");
+        let hung = script(dir.path(), "hung", "exec sleep 30");
+        assert!(version(&hung, Duration::from_millis(200)).await.unwrap_err().contains("did not finish"));
     }
 }

@@ -1,10 +1,10 @@
 //! The inference engines the collector understands, and how a page says which one
 //! it came from.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// An inference server whose `/metrics` page the collector can normalise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// vLLM (V0 and V1 engines): metric names start with `vllm:`.
@@ -30,6 +30,18 @@ impl Engine {
             Self::Tgi => "tgi",
             Self::LlamaCpp => "llamacpp",
         }
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+
+    /// Reads [`Engine::as_str`] back (a container label carries the engine this way).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Engine::ALL
+            .into_iter()
+            .find(|e| e.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not an inference engine (vllm, sglang, tgi or llamacpp)"))
     }
 }
 

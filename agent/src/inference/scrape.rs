@@ -1,21 +1,23 @@
-//! The async inference collector: each round it scrapes every configured endpoint at
-//! once (`/metrics`, `/v1/models` for readiness, `/health` for liveness), maps the
-//! pages and reports one status per endpoint. A down, slow or broken server costs at
-//! most its own timeout and never stops the others.
+//! The async inference collector: each round it scrapes every configured endpoint,
+//! and every model server the agent runs itself (`managed`), at once (`/metrics`,
+//! `/v1/models` for readiness, `/health` for liveness), maps the pages and reports
+//! one status per endpoint. A down, slow or broken server costs at most its own
+//! timeout and never stops the others.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_common::model::{CollectorStatus, Sample};
 use futures::future::join_all;
 use serde::Deserialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use super::drift::SchemaTracker;
-use super::endpoint::{InferenceEndpoint, Origin};
+use super::endpoint::{DEFAULT_TIMEOUT, InferenceEndpoint, Origin};
 use super::engine::Engine;
 use super::error::InferenceError;
 use super::exposition;
 use super::http::{self, Fetched, Get};
+use super::managed::ManagedServer;
 use super::mapping::MappingTable;
 use super::normalise::{self, Normalised};
 
@@ -35,7 +37,12 @@ const ACCEPT_METRICS: &str = "text/plain;version=0.0.4;q=1,*/*;q=0.1";
 /// Scrapes the configured inference servers; keeps per-endpoint drift memory.
 #[derive(Debug)]
 pub struct InferenceCollector {
+    /// The `[[inference]]` endpoints, in config order.
     endpoints: Vec<Scraper>,
+    /// The managed containers' servers, by container name.
+    managed: Vec<Scraper>,
+    /// Where the set of managed servers comes from, when the agent runs containers.
+    managed_rx: Option<watch::Receiver<Vec<ManagedServer>>>,
     table: &'static MappingTable,
     /// One page is parsed at a time: parsing needs about ten times the body in
     /// memory, so with many endpoints sending pathological 8 MiB pages at once the
@@ -49,6 +56,8 @@ struct Scraper {
     config: InferenceEndpoint,
     origin: Origin,
     drift: SchemaTracker,
+    /// A managed container still in its health check's start period.
+    starting: bool,
 }
 
 /// What one collection round produced.
@@ -61,9 +70,11 @@ pub struct InferenceRound {
 }
 
 impl InferenceRound {
-    /// One collector status per endpoint, named `inference/<endpoint>`.
+    /// One collector status per endpoint, named `inference/<endpoint>`; none for a
+    /// managed container whose model is still loading and cannot be scraped yet
+    /// (its `up` and `ready` series say so), lest every deploy mark the node degraded.
     pub fn statuses(&self) -> Vec<CollectorStatus> {
-        self.endpoints.iter().map(EndpointReport::status).collect()
+        self.endpoints.iter().filter(|r| !r.starting || r.is_ok()).map(EndpointReport::status).collect()
     }
 }
 
@@ -84,6 +95,8 @@ pub struct EndpointReport {
     pub missing: Vec<String>,
     /// Everything that went wrong, one line each; empty when the scrape was clean.
     pub problems: Vec<String>,
+    /// A managed container still in its health check's start period.
+    pub starting: bool,
 }
 
 impl EndpointReport {
@@ -112,27 +125,75 @@ impl InferenceCollector {
             if !names.insert(config.name.clone()) {
                 return Err(InferenceError::DuplicateEndpoint { name: config.name });
             }
-            scrapers.push(Scraper { origin: Origin::parse(&config)?, config, drift: SchemaTracker::default() });
+            let origin = Origin::parse(&config)?;
+            scrapers.push(Scraper { origin, config, drift: SchemaTracker::default(), starting: false });
         }
-        Ok(Self { endpoints: scrapers, table, parse_gate: Semaphore::new(1) })
+        Ok(Self { endpoints: scrapers, managed: Vec::new(), managed_rx: None, table, parse_gate: Semaphore::new(1) })
     }
 
-    /// Whether any endpoint is configured.
+    /// Also scrapes the managed model servers published on `rx`
+    /// ([`super::ManagedServers::subscribe`]).
+    pub fn with_managed(mut self, mut rx: watch::Receiver<Vec<ManagedServer>>) -> Self {
+        // What was published before this receiver existed counts too.
+        rx.mark_changed();
+        self.managed_rx = Some(rx);
+        self
+    }
+
+    /// Whether there is nothing to scrape, now or later.
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
+        self.endpoints.is_empty() && self.managed.is_empty() && self.managed_rx.is_none()
     }
 
     /// Scrapes every endpoint concurrently. Each request is bounded by its endpoint's
     /// timeout, so a round takes at most the largest timeout (plus parsing).
     pub async fn collect(&mut self) -> InferenceRound {
+        self.sync_managed();
         let (table, gate) = (self.table, &self.parse_gate);
-        let results = join_all(self.endpoints.iter_mut().map(|s| s.scrape(table, gate))).await;
+        let scrapers = self.endpoints.iter_mut().chain(self.managed.iter_mut());
+        let results = join_all(scrapers.map(|s| s.scrape(table, gate))).await;
         let mut round = InferenceRound::default();
         for (samples, report) in results {
             round.samples.extend(samples);
             round.endpoints.push(report);
         }
         round
+    }
+
+    /// Takes the latest set of managed servers: new containers are added, gone ones
+    /// dropped. A container that stays keeps its drift memory, even when a restart
+    /// moved it to another host port, since its name (and revision) is the same.
+    fn sync_managed(&mut self) {
+        let Some(rx) = &mut self.managed_rx else { return };
+        if !rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let servers = rx.borrow_and_update().clone();
+        let mut before: BTreeMap<String, Scraper> =
+            std::mem::take(&mut self.managed).into_iter().map(|s| (s.config.name.clone(), s)).collect();
+        for server in servers {
+            // A configured endpoint of the same name keeps it: two series sets under
+            // one endpoint label would be indistinguishable.
+            if self.endpoints.iter().any(|e| e.config.name == server.container) {
+                tracing::debug!(container = %server.container, "an [[inference]] endpoint has this name; not scraping it twice");
+                continue;
+            }
+            let config = InferenceEndpoint {
+                name: server.container.clone(),
+                url: server.url.clone(),
+                engine: server.engine,
+                timeout: DEFAULT_TIMEOUT,
+            };
+            let origin = match Origin::parse(&config) {
+                Ok(origin) => origin,
+                Err(error) => {
+                    tracing::debug!(%error, "not scraping a managed container");
+                    continue;
+                }
+            };
+            let drift = before.remove(&server.container).map(|s| s.drift).unwrap_or_default();
+            self.managed.push(Scraper { config, origin, drift, starting: server.starting });
+        }
     }
 }
 
@@ -155,6 +216,7 @@ impl Scraper {
             ready,
             live,
             engine: self.config.engine,
+            starting: self.starting,
             ..EndpointReport::default()
         };
         let mut samples = Vec::new();
@@ -405,6 +467,67 @@ mod tests {
         assert!(c.collect().await.endpoints[0].missing.is_empty());
         server.set("/metrics", Reply::Body(page));
         assert!(c.collect().await.endpoints[0].is_ok());
+    }
+
+    /// A model server the agent deploys itself is scraped as the container while it
+    /// runs, and no longer once it stops: the listings drive the set.
+    #[tokio::test]
+    async fn managed_containers_are_scraped_while_they_run() {
+        use crate::containers::{LIST_TIMEOUT, report};
+        use crate::inference::ManagedServers;
+        use crate::runtime::fake::FakeRuntime;
+        use crate::runtime::{ContainerSpec, HealthState, Runtime};
+
+        let server = healthy(&fixture("vllm-v1-0.11.0.txt")).await;
+        let port = server.url.rsplit(':').next().unwrap();
+        let rt = FakeRuntime::with_images(["vllm:1"]);
+        let servers = ManagedServers::default();
+        let configured = healthy(&fixture("sglang-0.5.9.txt")).await;
+        let mut c = InferenceCollector::new(vec![endpoint("configured", &configured, GUARD)])
+            .unwrap()
+            .with_managed(servers.subscribe());
+        let spec = |revision: &str, inference: &str| {
+            let yaml = format!(
+                "name: llama\nrevision: '{revision}'\nimage: vllm:1\nports: [{{container: 8000, host: {port}}}]\n{inference}"
+            );
+            ContainerSpec::from_yaml(&yaml).unwrap().validate(&[]).unwrap()
+        };
+        rt.deploy(&spec("2", "inference: {port: 8000, engine: vllm}\n")).await.unwrap();
+        // Published on the same port but without `inference`: not a server to scrape.
+        rt.deploy(&spec("3", "")).await.unwrap();
+        report(&rt, LIST_TIMEOUT, &servers).await;
+
+        let round = c.collect().await;
+        let names: Vec<&str> = round.endpoints.iter().map(|r| r.endpoint.as_str()).collect();
+        assert_eq!(names, ["configured", "llama-2"], "configured endpoints first, then containers by name");
+        let r = &round.endpoints[1];
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.engine, Some(Engine::Vllm));
+        assert_eq!(one(&round, "flotilla_inference_ready", "llama-2"), 1.0);
+        assert_eq!(one(&round, "flotilla_inference_requests_running", "llama-2"), 7.0);
+        assert!(round.statuses().iter().any(|s| s.name == "inference/llama-2" && s.healthy));
+
+        // Still loading (its health check in the start period) and not answering yet:
+        // the series say so, but no failing collector marks the node degraded.
+        server.set("/metrics", Reply::Status(503));
+        server.set("/v1/models", Reply::Status(503));
+        rt.set_health("llama-2", HealthState::Starting);
+        report(&rt, LIST_TIMEOUT, &servers).await;
+        let round = c.collect().await;
+        assert_eq!(one(&round, "flotilla_inference_up", "llama-2"), 0.0);
+        assert_eq!(one(&round, "flotilla_inference_ready", "llama-2"), 0.0);
+        assert!(!round.statuses().iter().any(|s| s.name == "inference/llama-2"), "{:?}", round.statuses());
+        rt.set_health("llama-2", HealthState::Unhealthy);
+        report(&rt, LIST_TIMEOUT, &servers).await;
+        let round = c.collect().await;
+        assert!(round.statuses().iter().any(|s| s.name == "inference/llama-2" && !s.healthy), "no longer starting");
+
+        // Stopped: the next listing drops it, and its series with it.
+        rt.stop("llama-2", Duration::ZERO).await.unwrap();
+        report(&rt, LIST_TIMEOUT, &servers).await;
+        let round = c.collect().await;
+        assert!(round.samples.iter().all(|s| s.labels["endpoint"] == "configured"));
+        assert_eq!(round.endpoints.len(), 1);
     }
 
     #[test]

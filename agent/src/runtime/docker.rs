@@ -17,13 +17,15 @@ use bollard::query_parameters::{
     RestartContainerOptions, StopContainerOptions,
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
+use flotilla_common::NodeId;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
 use super::error::RuntimeError;
 use super::info::{ContainerInfo, ContainerState, LogLine, LogStream};
-use super::render::{self, LABEL_MANAGED};
+use super::names::NamePrefix;
+use super::render::{self, GpuDevices, LABEL_MANAGED};
 use super::spec::ValidatedSpec;
 use super::{RemoveMode, Runtime};
 
@@ -40,9 +42,25 @@ pub struct RuntimeConfig {
     /// How often the uplink lists the managed containers again while connected,
     /// so that a container that changes on its own (crashes, is OOM-killed, is
     /// stopped with `docker stop`) reaches the controller without a command.
-    /// A listing is sent only when it differs from the last one sent.
+    /// A listing is sent only when it differs from the last one sent. Short by
+    /// default (5 s), since during a rollout the controller waits on these
+    /// changes (a new revision turning healthy, an old one exiting); a listing is
+    /// one engine request per managed container.
     #[serde(with = "humantime_serde")]
     pub relist_interval: Duration,
+    /// Whether a spec's `gpus` become a device request. Not read from the file:
+    /// the agent sets it from `[gpu] source` (simulated GPUs are bookkeeping only).
+    #[serde(skip)]
+    pub gpu_devices: GpuDevices,
+    /// Put before every container name given to the engine, so that several agents
+    /// can share one engine (end-to-end tests, a lab): each agent then creates,
+    /// acts on and lists only the containers named with its own prefix. Reports,
+    /// command results and scrape endpoints use the name without it.
+    pub name_prefix: NamePrefix,
+    /// This agent's node id, put on every container it creates as `flotilla.node`.
+    /// Not read from the file: the agent sets it from its identity.
+    #[serde(skip)]
+    pub node: Option<NodeId>,
 }
 
 impl Default for RuntimeConfig {
@@ -50,7 +68,10 @@ impl Default for RuntimeConfig {
         Self {
             socket: PathBuf::from("/var/run/docker.sock"),
             request_timeout: Duration::from_secs(60),
-            relist_interval: Duration::from_secs(30),
+            relist_interval: Duration::from_secs(5),
+            gpu_devices: GpuDevices::Nvidia,
+            name_prefix: NamePrefix::default(),
+            node: None,
         }
     }
 }
@@ -78,6 +99,11 @@ impl DockerRuntime {
     /// The configuration this runtime was made with.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    /// The engine's name for the agent's container `container` (`NAME-REVISION`).
+    fn engine_name(&self, container: &str) -> String {
+        self.config.name_prefix.to_engine(container)
     }
 
     fn socket(&self) -> String {
@@ -113,12 +139,42 @@ impl DockerRuntime {
         }
     }
 
+    /// Inspects the agent's container `container` (`NAME-REVISION`), and tells of it
+    /// by that name.
     async fn inspect_with(&self, docker: &Docker, container: &str) -> Result<ContainerInfo, RuntimeError> {
         docker
-            .inspect_container(container, None::<InspectContainerOptions>)
+            .inspect_container(&self.engine_name(container), None::<InspectContainerOptions>)
+            .await
+            .map(|c| self.config.name_prefix.agent_view(ContainerInfo::from_inspect(c)))
+            .map_err(|e| self.classify("inspect", container, e))
+    }
+
+    /// Inspects the container with the engine's id `id`, named as the engine names it.
+    async fn inspect_id(&self, docker: &Docker, id: &str) -> Result<ContainerInfo, RuntimeError> {
+        docker
+            .inspect_container(id, None::<InspectContainerOptions>)
             .await
             .map(ContainerInfo::from_inspect)
-            .map_err(|e| self.classify("inspect", container, e))
+            .map_err(|e| self.classify("inspect", id, e))
+    }
+
+    /// Removes `target` (an engine name or id); errors and logs name it `shown`.
+    async fn remove_target(
+        &self,
+        docker: &Docker,
+        target: &str,
+        shown: &str,
+        mode: RemoveMode,
+    ) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptions { force: mode == RemoveMode::Force, ..Default::default() };
+        match docker.remove_container(target, Some(options)).await {
+            Ok(()) => {
+                tracing::info!(container = %shown, "container removed");
+                Ok(())
+            }
+            Err(EngineError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(e) => Err(self.classify("remove", shown, e)),
+        }
     }
 
     /// Inspects a container that was just started and turns a quick exit into
@@ -138,16 +194,17 @@ impl DockerRuntime {
         Err(RuntimeError::Exited { container: info.name, exit_code: info.exit_code.unwrap_or(-1), message })
     }
 
-    /// Creates the container; `None` when a container of that name appeared since
-    /// we looked (a racing deploy), so the caller looks again.
+    /// Creates the container the agent calls `name`; `None` when a container of that
+    /// name appeared since we looked (a racing deploy), so the caller looks again.
     async fn create(&self, docker: &Docker, spec: &ValidatedSpec, name: &str) -> Result<Option<String>, RuntimeError> {
         // Asked first so the usual failure has its own clear error; a create that
         // still finds no image (removed in between) maps to the same error below.
         if !self.image_present(&spec.image).await? {
             return Err(RuntimeError::ImageNotPresent { image: spec.image.clone() });
         }
-        let options = CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() };
-        match docker.create_container(Some(options), render::create_body(spec)).await {
+        let options = CreateContainerOptions { name: Some(self.engine_name(name)), ..Default::default() };
+        let body = render::create_body(spec, self.config.gpu_devices, self.config.node.as_ref());
+        match docker.create_container(Some(options), body).await {
             Ok(created) => {
                 for warning in &created.warnings {
                     tracing::warn!(container = %name, warning = %warning, "engine warning on create");
@@ -242,7 +299,7 @@ impl Runtime for DockerRuntime {
                             return self.started(docker, &name).await;
                         }
                         // Stopped, from another spec of this revision: nothing to keep.
-                        (false, false) => self.remove(&existing.id, RemoveMode::Force).await?,
+                        (false, false) => self.remove_target(docker, &existing.id, &name, RemoveMode::Force).await?,
                     }
                 }
                 Err(RuntimeError::NotFound { .. }) => {}
@@ -261,7 +318,10 @@ impl Runtime for DockerRuntime {
         let patient = docker.clone().with_timeout(self.config.request_timeout + timeout);
         let options = StopContainerOptions { t: Some(whole_seconds(timeout)), signal: None };
         // A container already stopped answers 304, which bollard counts as success.
-        patient.stop_container(container, Some(options)).await.map_err(|e| self.classify("stop", container, e))?;
+        patient
+            .stop_container(&self.engine_name(container), Some(options))
+            .await
+            .map_err(|e| self.classify("stop", container, e))?;
         tracing::info!(container = %container, "container stopped");
         self.inspect_with(docker, container).await
     }
@@ -271,7 +331,7 @@ impl Runtime for DockerRuntime {
         let patient = docker.clone().with_timeout(self.config.request_timeout + timeout);
         let options = RestartContainerOptions { t: Some(whole_seconds(timeout)), signal: None };
         patient
-            .restart_container(container, Some(options))
+            .restart_container(&self.engine_name(container), Some(options))
             .await
             .map_err(|e| self.classify("restart", container, e))?;
         tracing::info!(container = %container, "container restarted");
@@ -280,21 +340,13 @@ impl Runtime for DockerRuntime {
 
     async fn remove(&self, container: &str, mode: RemoveMode) -> Result<(), RuntimeError> {
         let docker = self.client().await?;
-        let options = RemoveContainerOptions { force: mode == RemoveMode::Force, ..Default::default() };
-        match docker.remove_container(container, Some(options)).await {
-            Ok(()) => {
-                tracing::info!(container = %container, "container removed");
-                Ok(())
-            }
-            Err(EngineError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
-            Err(e) => Err(self.classify("remove", container, e)),
-        }
+        self.remove_target(docker, &self.engine_name(container), container, mode).await
     }
 
     async fn logs(&self, container: &str, tail: usize) -> Result<Vec<LogLine>, RuntimeError> {
         let docker = self.client().await?;
         let options = LogsOptions { stdout: true, stderr: true, tail: tail.to_string(), ..Default::default() };
-        let mut stream = docker.logs(container, Some(options));
+        let mut stream = docker.logs(&self.engine_name(container), Some(options));
         let mut lines = Vec::new();
         // Frames usually hold whole lines, but a long line may span frames: keep the
         // unfinished end of each stream until its newline arrives.
@@ -334,11 +386,17 @@ impl Runtime for DockerRuntime {
         let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
         let summaries =
             docker.list_containers(Some(options)).await.map_err(|e| self.classify("list", LABEL_MANAGED, e))?;
+        let prefix = &self.config.name_prefix;
+        // Another agent's containers (on an engine shared by several) are not
+        // inspected at all: their names lack this agent's prefix.
+        let named_ours = |s: &bollard::models::ContainerSummary| {
+            prefix.is_empty() || s.names.iter().flatten().any(|n| prefix.to_agent(n.trim_start_matches('/')).is_some())
+        };
         let mut found = Vec::with_capacity(summaries.len());
         // The list's summaries lack health and exact port bindings; inspect each.
-        for id in summaries.into_iter().filter_map(|s| s.id) {
-            match self.inspect_with(docker, &id).await {
-                Ok(info) => found.push(info),
+        for id in summaries.into_iter().filter(named_ours).filter_map(|s| s.id) {
+            match self.inspect_id(docker, &id).await {
+                Ok(info) => found.extend(prefix.claim(self.config.node.as_ref(), info)),
                 // Removed between the list and the inspect: it is not there any more.
                 Err(RuntimeError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
@@ -403,5 +461,10 @@ mod tests {
             toml::from_str("socket = \"/run/podman/podman.sock\"\nrequest_timeout = \"30s\"\n").unwrap();
         assert_eq!((c.socket.to_str(), c.request_timeout), (Some("/run/podman/podman.sock"), Duration::from_secs(30)));
         assert!(toml::from_str::<RuntimeConfig>("sock = \"x\"").is_err());
+        assert_eq!(c.relist_interval, Duration::from_secs(5));
+        assert!(
+            toml::from_str::<RuntimeConfig>("gpu_devices = \"bookkeeping\"").is_err(),
+            "set from [gpu] source only"
+        );
     }
 }

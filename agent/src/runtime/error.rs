@@ -46,6 +46,11 @@ pub enum SpecError {
     /// A health check that is ambiguous or cannot run.
     #[error("health: {reason}")]
     BadHealthCheck { reason: String },
+    /// The inference port is not among the published ports, so the agent could not reach it.
+    #[error(
+        "inference.port: container port {port} is not published; add `{{ container: {port} }}` to ports (protocol tcp)"
+    )]
+    InferencePortNotPublished { port: u32 },
     /// A `/dev/shm` size that is zero.
     #[error("shm_size: must be above zero (omit it for the engine's default)")]
     ZeroShmSize,

@@ -1,13 +1,15 @@
 //! A validated spec as the engine's create request: a pure function, so what the
 //! agent asks the engine for is tested without an engine.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bollard::models::{
     ContainerCreateBody, DeviceRequest, HealthConfig, HostConfig, Mount, MountType, PortBinding, RestartPolicy,
     RestartPolicyNameEnum,
 };
+
+use flotilla_common::NodeId;
 
 use super::spec::{self, HealthCheck, ValidatedSpec};
 
@@ -21,14 +23,58 @@ pub const LABEL_DEPLOYMENT: &str = "flotilla.deployment";
 pub const LABEL_REVISION: &str = "flotilla.revision";
 /// [`ValidatedSpec::spec_hash`] of the spec the container was created from.
 pub const LABEL_SPEC_HASH: &str = "flotilla.spec-hash";
+/// The GPUs the spec asked for, as written (`0,1`, or UUIDs), whether or not
+/// they were handed to the container ([`GpuDevices`]).
+pub const LABEL_GPUS: &str = "flotilla.gpus";
+/// The container port of the model server the agent scrapes (`inference.port`).
+pub const LABEL_INFERENCE_PORT: &str = "flotilla.inference-port";
+/// The model server's engine, when the spec names it (`inference.engine`).
+pub const LABEL_INFERENCE_ENGINE: &str = "flotilla.inference-engine";
+/// The node id of the agent that created the container, so that on an engine
+/// several agents share each container says whose it is.
+pub const LABEL_NODE: &str = "flotilla.node";
 
-/// The create request for `spec`.
-pub(crate) fn create_body(spec: &ValidatedSpec) -> ContainerCreateBody {
-    let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+/// Whether a spec's `gpus` become a device request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuDevices {
+    /// Real GPUs: the NVIDIA container toolkit hands them to the container.
+    #[default]
+    Nvidia,
+    /// Simulated GPUs (`[gpu] source = "simulated"`): the request is checked and
+    /// labelled, but no device is asked for, since such a host has no NVIDIA
+    /// runtime and the engine would refuse to start the container.
+    Bookkeeping,
+}
+
+/// The labels the agent on `node` puts on `spec`'s container: the spec's own and
+/// the agent's.
+pub(crate) fn labels(spec: &ValidatedSpec, node: Option<&NodeId>) -> BTreeMap<String, String> {
+    let mut labels = spec.labels.clone();
     labels.insert(LABEL_MANAGED.into(), "true".into());
+    if let Some(node) = node {
+        labels.insert(LABEL_NODE.into(), node.as_str().to_owned());
+    }
     labels.insert(LABEL_DEPLOYMENT.into(), spec.name.clone());
     labels.insert(LABEL_REVISION.into(), spec.revision.clone());
     labels.insert(LABEL_SPEC_HASH.into(), spec.spec_hash());
+    if !spec.gpus.is_empty() {
+        let ids: Vec<String> = spec.gpus.iter().map(spec::GpuRef::device_id).collect();
+        labels.insert(LABEL_GPUS.into(), ids.join(","));
+    }
+    // The port, not a URL: with an engine-chosen host port the address is known
+    // only once the container runs, so the agent reads it from the bindings then.
+    if let Some(server) = &spec.inference {
+        labels.insert(LABEL_INFERENCE_PORT.into(), server.port.to_string());
+        if let Some(engine) = server.engine {
+            labels.insert(LABEL_INFERENCE_ENGINE.into(), engine.as_str().to_owned());
+        }
+    }
+    labels
+}
+
+/// The create request for `spec`, made by the agent on `node`.
+pub(crate) fn create_body(spec: &ValidatedSpec, gpu_devices: GpuDevices, node: Option<&NodeId>) -> ContainerCreateBody {
+    let labels: HashMap<String, String> = labels(spec, node).into_iter().collect();
 
     let mut exposed = Vec::new();
     let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
@@ -58,7 +104,7 @@ pub(crate) fn create_body(spec: &ValidatedSpec) -> ContainerCreateBody {
         })
         .collect();
 
-    let device_requests = (!spec.gpus.is_empty()).then(|| {
+    let device_requests = (!spec.gpus.is_empty() && gpu_devices == GpuDevices::Nvidia).then(|| {
         vec![DeviceRequest {
             driver: Some("nvidia".into()),
             device_ids: Some(spec.gpus.iter().map(spec::GpuRef::device_id).collect()),
@@ -143,11 +189,15 @@ mod tests {
     use crate::runtime::ContainerSpec;
     use flotilla_common::model::GpuInfo;
 
-    fn render(yaml: &str) -> ContainerCreateBody {
+    fn render_with(yaml: &str, devices: GpuDevices) -> ContainerCreateBody {
         let gpus: Vec<GpuInfo> = (0..2)
             .map(|i| GpuInfo { index: i, uuid: format!("GPU-{i}"), model: "H100".into(), memory_total_bytes: 1 })
             .collect();
-        create_body(&ContainerSpec::from_yaml(yaml).unwrap().validate(&gpus).unwrap())
+        create_body(&ContainerSpec::from_yaml(yaml).unwrap().validate(&gpus).unwrap(), devices, None)
+    }
+
+    fn render(yaml: &str) -> ContainerCreateBody {
+        render_with(yaml, GpuDevices::Nvidia)
     }
 
     #[test]
@@ -183,7 +233,9 @@ labels: {team: a}
         assert_eq!(labels[LABEL_MANAGED], "true");
         assert_eq!((labels[LABEL_DEPLOYMENT].as_str(), labels[LABEL_REVISION].as_str()), ("llama", "2"));
         assert_eq!(labels[LABEL_SPEC_HASH].len(), 16);
+        assert_eq!(labels[LABEL_GPUS], "1,GPU-0");
         assert_eq!(labels["team"], "a");
+        assert!(!labels.contains_key(LABEL_INFERENCE_PORT));
 
         let health = body.healthcheck.clone().unwrap();
         assert_eq!(health.test, Some(vec!["CMD".into(), "/probe".into(), "x".into()]));
@@ -217,6 +269,41 @@ labels: {team: a}
         let host = body.host_config.unwrap();
         assert!(host.port_bindings.is_none() && host.mounts.is_none() && host.device_requests.is_none());
         assert_eq!(host.restart_policy.unwrap().name, Some(RestartPolicyNameEnum::NO));
+    }
+
+    #[test]
+    fn simulated_gpus_are_labelled_but_not_requested() {
+        let yaml = "name: m\nrevision: '1'\nimage: x\ngpus: [0, 1]\n";
+        let real = render_with(yaml, GpuDevices::Nvidia);
+        let simulated = render_with(yaml, GpuDevices::Bookkeeping);
+        assert_eq!(real.labels.unwrap()[LABEL_GPUS], "0,1");
+        assert_eq!(simulated.labels.unwrap()[LABEL_GPUS], "0,1");
+        assert!(real.host_config.unwrap().device_requests.is_some());
+        assert_eq!(simulated.host_config.unwrap().device_requests, None);
+        let none = render("name: m\nrevision: '1'\nimage: x\n");
+        assert!(!none.labels.unwrap().contains_key(LABEL_GPUS), "no GPUs asked for, no label");
+    }
+
+    #[test]
+    fn the_inference_port_is_labelled() {
+        let body = render(
+            "name: m\nrevision: '1'\nimage: x\nports: [{container: 8000}]\ninference: {port: 8000, engine: vllm}\n",
+        );
+        let labels = body.labels.unwrap();
+        assert_eq!((labels[LABEL_INFERENCE_PORT].as_str(), labels[LABEL_INFERENCE_ENGINE].as_str()), ("8000", "vllm"));
+        let detected =
+            render("name: m\nrevision: '1'\nimage: x\nports: [{container: 8000}]\ninference: {port: 8000}\n");
+        assert!(!detected.labels.unwrap().contains_key(LABEL_INFERENCE_ENGINE));
+    }
+
+    #[test]
+    fn the_creating_node_is_labelled_when_known() {
+        let spec = ContainerSpec::from_yaml("name: m\nrevision: '1'\nimage: x\n").unwrap().validate(&[]).unwrap();
+        let node = NodeId::new("gpu-1").unwrap();
+        let body = create_body(&spec, GpuDevices::Nvidia, Some(&node));
+        assert_eq!(body.labels.unwrap()[LABEL_NODE], "gpu-1");
+        let body = create_body(&spec, GpuDevices::Nvidia, None);
+        assert!(!body.labels.unwrap().contains_key(LABEL_NODE));
     }
 
     #[test]

@@ -54,6 +54,11 @@ pub struct ContainerSpec {
     /// Extra labels; the `flotilla.` prefix is the agent's own.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The model server's HTTP port: while the container runs, the agent scrapes
+    /// it (`/metrics`, `/v1/models`, `/health`) like an `[[inference]]` endpoint
+    /// named after the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<InferenceServer>,
 }
 
 impl ContainerSpec {
@@ -62,7 +67,8 @@ impl ContainerSpec {
         serde_yaml_ng::from_str(text).map_err(SpecError::Parse)
     }
 
-    /// The container name this spec runs under: `NAME-REVISION`.
+    /// The container name this spec runs under: `NAME-REVISION`, as the agent speaks
+    /// of it; the engine's name has `[runtime] name_prefix` before it.
     pub fn container_name(&self) -> String {
         format!("{}-{}", self.name, self.revision)
     }
@@ -109,6 +115,19 @@ impl std::ops::Deref for ValidatedSpec {
     fn deref(&self) -> &ContainerSpec {
         &self.spec
     }
+}
+
+/// Where a container's model server answers, for the agent's inference collector:
+/// `inference: { port: 8000, engine: vllm }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceServer {
+    /// The container port the server listens on; one of the spec's published
+    /// `ports` (TCP), since the agent reaches it through the host port.
+    pub port: u32,
+    /// The engine; detected from the `/metrics` page when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::inference::Engine>,
 }
 
 /// A published port. Ports are `u32` here so that an out-of-range number is

@@ -11,7 +11,7 @@ use flotilla_common::model::GpuInfo;
 
 use super::error::SpecError;
 use super::render::LABEL_PREFIX;
-use super::spec::{ContainerSpec, GpuRef, HealthCheck, PortMapping};
+use super::spec::{ContainerSpec, GpuRef, HealthCheck, PortMapping, Protocol};
 
 /// The longest deployment name or revision: container names stay readable and
 /// fit a DNS label should a gateway ever use them as host names.
@@ -35,6 +35,13 @@ pub(crate) fn check(spec: &ContainerSpec, gpus: &[GpuInfo]) -> Result<(), SpecEr
     }
     check_env(spec)?;
     check_ports(&spec.ports)?;
+    if let Some(server) = &spec.inference {
+        port_in_range("inference.port".to_owned(), server.port)?;
+        let published = spec.ports.iter().any(|p| p.container == server.port && p.protocol == Protocol::Tcp);
+        if !published {
+            return Err(SpecError::InferencePortNotPublished { port: server.port });
+        }
+    }
     check_volumes(spec)?;
     check_gpus(&spec.gpus, gpus)?;
     if spec.shm_size.is_some_and(|s| s.as_u64() == 0) {
@@ -327,6 +334,22 @@ labels: {team: search}
             &["ports[1].host", "already mapped by ports[0]"],
         );
         assert_refused("ports: [{container: 80, host_ip: nowhere}]", &["ports[0].host_ip"]);
+    }
+
+    #[test]
+    fn the_inference_port_must_be_published_over_tcp() {
+        assert_refused("inference: {port: 8000}", &["inference.port", "8000", "not published", "ports"]);
+        assert_refused(
+            "ports: [{container: 8000, protocol: udp}]\ninference: {port: 8000}",
+            &["inference.port", "not published"],
+        );
+        assert_refused("ports: [{container: 8000}]\ninference: {port: 0}", &["inference.port", "outside"]);
+        assert_refused("ports: [{container: 8000}]\ninference: {port: 8000, engine: triton}", &["inference.engine"]);
+        assert_refused("ports: [{container: 8000}]\ninference: {port: 8000, path: /x}", &["inference", "path"]);
+        let yaml =
+            "name: a\nrevision: '1'\nimage: x\nports: [{container: 8000}]\ninference: {port: 8000, engine: sglang}\n";
+        let spec = ContainerSpec::from_yaml(yaml).unwrap().validate(&[]).unwrap();
+        assert_eq!(spec.inference.unwrap().engine, Some(crate::inference::Engine::Sglang));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 mod alerts;
+mod deploy;
 mod ops;
 
 use super::{Context, blocking};
@@ -118,6 +119,41 @@ impl Fleet for FleetApi {
         request: Request<pb::CheckRulesRequest>,
     ) -> Result<Response<pb::CheckRulesResponse>, Status> {
         alerts::check_rules(&self.ctx, request).await
+    }
+
+    async fn apply_deployment(
+        &self,
+        request: Request<pb::ApplyDeploymentRequest>,
+    ) -> Result<Response<pb::ApplyDeploymentResponse>, Status> {
+        deploy::apply(&self.ctx, request).await
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        deploy::list(&self.ctx, request).await
+    }
+
+    async fn get_deployment_history(
+        &self,
+        request: Request<pb::GetDeploymentHistoryRequest>,
+    ) -> Result<Response<pb::GetDeploymentHistoryResponse>, Status> {
+        deploy::history(&self.ctx, request).await
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        deploy::get(&self.ctx, request).await
+    }
+
+    async fn operate_rollout(
+        &self,
+        request: Request<pb::OperateRolloutRequest>,
+    ) -> Result<Response<pb::OperateRolloutResponse>, Status> {
+        deploy::operate(&self.ctx, request).await
     }
     async fn exec_command(
         &self,

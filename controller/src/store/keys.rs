@@ -27,6 +27,19 @@ pub const ALERTS: &str = "alerts";
 pub const ALERT_HISTORY: &str = "alert_history";
 /// Silences by id → `Silence` (kept after they expire, for the record).
 pub const SILENCES: &str = "silences";
+/// Deployments by name → `rollout::Deployment` (revisions, replicas, the rollout running).
+pub const DEPLOYMENTS: &str = "deployments";
+/// Rollouts: deployment name, 0x00, rollout number (u64 BE) → `rollout::Rollout`.
+pub const ROLLOUTS: &str = "rollouts";
+
+/// The key of rollout `number` of `deployment`; a prefix scan on `deployment 0x00` lists them in order.
+pub fn rollout(deployment: &str, number: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(deployment.len() + 9);
+    key.extend_from_slice(deployment.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&number.to_be_bytes());
+    key
+}
 
 /// Key in META holding when the alert engine last evaluated (i64 big-endian Unix ms).
 pub const ALERTS_EVALUATED_KEY: &[u8] = b"alerts_evaluated";

@@ -26,6 +26,8 @@ pub struct SledStore {
     alerts: sled::Tree,
     alert_history: sled::Tree,
     silences: sled::Tree,
+    deployments: sled::Tree,
+    rollouts: sled::Tree,
     /// Serialises audit appends: each record chains to the one before it.
     audit_lock: std::sync::Mutex<()>,
 }
@@ -41,6 +43,24 @@ fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
 }
 
 impl SledStore {
+    /// Schema 2 added `Inventory::gateway`: node records are rewritten with it
+    /// empty (postcard reads fields by position, so an old record cannot be read
+    /// as a new one). Every record is rewritten in one batch.
+    fn migrate_1_to_2(&self) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut count = 0usize;
+        for item in self.nodes.iter() {
+            let (k, v) = item.map_err(sled_err("scan nodes for migration"))?;
+            let old: migration::NodeRecordV1 = codec::decode(&k, &v)?;
+            batch.insert(k, codec::encode(&NodeRecord::from(old))?);
+            count += 1;
+        }
+        self.nodes.apply_batch(batch).map_err(sled_err("migrate nodes to schema 2"))?;
+        self.db.flush().map_err(sled_err("flush the schema 2 migration"))?;
+        tracing::info!(nodes = count, "store migrated from schema 1 to 2 (inventory gained the gateway role)");
+        Ok(())
+    }
+
     /// Opens (or creates) the store at `path` with sled's default page cache,
     /// checking and migrating the schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -83,12 +103,17 @@ impl SledStore {
             alerts: db.open_tree(keys::ALERTS).map_err(sled_err("open alerts tree"))?,
             alert_history: db.open_tree(keys::ALERT_HISTORY).map_err(sled_err("open alert history tree"))?,
             silences: db.open_tree(keys::SILENCES).map_err(sled_err("open silences tree"))?,
+            deployments: db.open_tree(keys::DEPLOYMENTS).map_err(sled_err("open deployments tree"))?,
+            rollouts: db.open_tree(keys::ROLLOUTS).map_err(sled_err("open rollouts tree"))?,
             audit_lock: std::sync::Mutex::new(()),
             db,
         };
         // Migrations run in order from the version found; version 0 is a new store.
-        // There are none yet: schema 1 is the first. The rollup and alert trees were
-        // added within schema 1: they start empty, and an older build ignores them.
+        // The rollup and alert trees were added within schema 1 (they start empty,
+        // and an older build ignores them); so were the deployment trees of schema 2.
+        if found == 1 {
+            store.migrate_1_to_2()?;
+        }
         if found < SCHEMA_VERSION {
             meta.insert(keys::SCHEMA_VERSION_KEY, &SCHEMA_VERSION.to_be_bytes())
                 .map_err(sled_err("write schema version"))?;
@@ -202,6 +227,53 @@ impl Store for SledStore {
             .iter()
             .map(|item| {
                 let (k, v) = item.map_err(sled_err("scan silences"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn commit_deployment(
+        &self,
+        deployment: &crate::rollout::Deployment,
+        rollout: Option<&crate::rollout::Rollout>,
+    ) -> Result<(), StoreError> {
+        let dep_value = codec::encode(deployment)?;
+        let roll = rollout
+            .map(|r| Ok::<_, StoreError>((keys::rollout(&r.deployment, r.number), codec::encode(r)?)))
+            .transpose()?;
+        let result = (&self.deployments, &self.rollouts).transaction(|(deployments, rollouts)| {
+            deployments.insert(deployment.name.as_bytes(), dep_value.as_slice())?;
+            if let Some((key, value)) = &roll {
+                rollouts.insert(key.as_slice(), value.as_slice())?;
+            }
+            Ok::<(), ConflictableTransactionError<StoreError>>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Abort(error)) => return Err(error),
+            Err(TransactionError::Storage(source)) => return Err(StoreError::Sled { op: "write deployment", source }),
+        }
+        self.db.flush().map_err(sled_err("flush deployment"))?;
+        Ok(())
+    }
+
+    fn deployments(&self) -> Result<Vec<crate::rollout::Deployment>, StoreError> {
+        self.deployments
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan deployments"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn rollouts(&self, deployment: &str) -> Result<Vec<crate::rollout::Rollout>, StoreError> {
+        let mut prefix = deployment.as_bytes().to_vec();
+        prefix.push(0);
+        self.rollouts
+            .scan_prefix(prefix)
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan rollouts"))?;
                 codec::decode(&k, &v)
             })
             .collect()
@@ -467,6 +539,70 @@ impl SledStore {
     }
 }
 
+/// The stored forms of earlier schemas, kept only to migrate from.
+mod migration {
+    use std::collections::BTreeMap;
+
+    use flotilla_common::NodeId;
+    use flotilla_common::model::{GpuInfo, GpuSourceKind, Inventory};
+    use serde::{Deserialize, Serialize};
+
+    use crate::store::NodeRecord;
+
+    /// `Inventory` up to schema 1 (before `gateway`).
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct InventoryV1 {
+        pub hostname: String,
+        pub os: String,
+        pub kernel: String,
+        pub cpu_model: String,
+        pub cpu_cores: u32,
+        pub memory_total_bytes: u64,
+        pub gpus: Vec<GpuInfo>,
+        pub gpu_source: GpuSourceKind,
+        pub gpu_source_note: String,
+        pub driver_version: String,
+        pub cuda_version: String,
+        pub labels: BTreeMap<String, String>,
+        pub agent_version: String,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct NodeRecordV1 {
+        pub id: NodeId,
+        pub inventory: InventoryV1,
+        pub first_seen_unix_ms: i64,
+        pub last_seen_unix_ms: i64,
+    }
+
+    impl From<NodeRecordV1> for NodeRecord {
+        fn from(old: NodeRecordV1) -> Self {
+            let i = old.inventory;
+            Self {
+                id: old.id,
+                inventory: Inventory {
+                    hostname: i.hostname,
+                    os: i.os,
+                    kernel: i.kernel,
+                    cpu_model: i.cpu_model,
+                    cpu_cores: i.cpu_cores,
+                    memory_total_bytes: i.memory_total_bytes,
+                    gpus: i.gpus,
+                    gpu_source: i.gpu_source,
+                    gpu_source_note: i.gpu_source_note,
+                    driver_version: i.driver_version,
+                    cuda_version: i.cuda_version,
+                    labels: i.labels,
+                    agent_version: i.agent_version,
+                    gateway: None,
+                },
+                first_seen_unix_ms: old.first_seen_unix_ms,
+                last_seen_unix_ms: old.last_seen_unix_ms,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +699,51 @@ mod tests {
             "a series with no minute left is forgotten"
         );
         assert_eq!(store.rollups(&a, &live, 0, i64::MAX).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_schema_1_store_is_migrated_and_its_nodes_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = migration::NodeRecordV1 {
+            id: NodeId::new("gpu-1").unwrap(),
+            inventory: migration::InventoryV1 {
+                hostname: "h".into(),
+                os: "linux".into(),
+                kernel: "6".into(),
+                cpu_model: "c".into(),
+                cpu_cores: 8,
+                memory_total_bytes: 1 << 30,
+                gpus: vec![flotilla_common::model::GpuInfo {
+                    index: 0,
+                    uuid: "GPU-0".into(),
+                    model: "H200".into(),
+                    memory_total_bytes: 1 << 37,
+                }],
+                gpu_source: flotilla_common::model::GpuSourceKind::default(),
+                gpu_source_note: String::new(),
+                driver_version: "560".into(),
+                cuda_version: "12.6".into(),
+                labels: [("rack".to_owned(), "r1".to_owned())].into(),
+                agent_version: "0.1.0".into(),
+            },
+            first_seen_unix_ms: 1,
+            last_seen_unix_ms: 2,
+        };
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree(keys::META).unwrap().insert(keys::SCHEMA_VERSION_KEY, &1u32.to_be_bytes()).unwrap();
+            db.open_tree(keys::NODES).unwrap().insert(b"gpu-1", codec::encode(&old).unwrap()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let nodes = store.nodes().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].inventory.labels["rack"], "r1");
+        assert_eq!(nodes[0].inventory.gpus[0].model, "H200");
+        assert_eq!(nodes[0].inventory.gateway, None);
+        drop(store);
+        let again = SledStore::open(dir.path()).unwrap();
+        assert_eq!(again.nodes().unwrap().len(), 1, "opening a migrated store again changes nothing");
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! finish, exit 0; a second signal, or `--grace` running out, exits 1 at once.
 //! `flotilla-standin probe URL` is the container health check (the image has no curl).
 //!
+//! With `--tag` (`STANDIN_TAG`) set, every response carries the header
+//! `x-standin-tag: TAG` and every chat completion body (and stream chunk) carries
+//! `"system_fingerprint": "TAG"`, so a test behind nginx can tell which revision
+//! answered.
+//!
 //! Every flag also reads an environment variable (`STANDIN_LISTEN`, …), so a
 //! container spec can tune it through `env`.
 
@@ -93,6 +98,10 @@ struct Serve {
     /// Tokens in each answer (a request's max_tokens can lower it).
     #[arg(long, env = "STANDIN_TOKENS", default_value_t = 16)]
     tokens: u32,
+    /// Marks every answer as this instance's (header `x-standin-tag`, and
+    /// `system_fingerprint` in completions); empty: no mark.
+    #[arg(long, env = "STANDIN_TAG", default_value = "", value_parser = parse_tag)]
+    tag: String,
     /// Longest wait for in-flight requests after SIGTERM.
     #[arg(long, env = "STANDIN_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     grace: Duration,
@@ -102,6 +111,14 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("{s:?} is not a number in 0..=1")),
+    }
+}
+
+/// A tag must fit in an HTTP header value.
+fn parse_tag(s: &str) -> Result<String, String> {
+    match hyper::header::HeaderValue::from_str(s) {
+        Ok(_) => Ok(s.to_owned()),
+        Err(_) => Err(format!("{s:?} cannot be an HTTP header value")),
     }
 }
 
@@ -144,8 +161,9 @@ async fn serve(args: Serve) -> Result<ExitCode> {
     let local = listener.local_addr()?;
     let state = Arc::new(State::new(args.clone())?);
     eprintln!(
-        "flotilla-standin listening addr={local} model={} latency={} error_rate={} startup_delay={}",
+        "flotilla-standin listening addr={local} model={} tag={:?} latency={} error_rate={} startup_delay={}",
         args.model,
+        args.tag,
         humantime::format_duration(args.latency),
         args.error_rate,
         humantime::format_duration(args.startup_delay)
@@ -313,9 +331,29 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let mut response = route(state.clone(), req).await;
+    if !state.args.tag.is_empty()
+        && let Ok(value) = hyper::header::HeaderValue::from_str(&state.args.tag)
+    {
+        response.headers_mut().insert("x-standin-tag", value);
+    }
+    Ok(response)
+}
+
+/// Adds `system_fingerprint` (the tag) to a completion body or chunk, when tagged.
+fn fingerprint(state: &State, mut body: Value) -> Value {
+    if !state.args.tag.is_empty()
+        && let Some(object) = body.as_object_mut()
+    {
+        object.insert("system_fingerprint".to_owned(), Value::String(state.args.tag.clone()));
+    }
+    body
+}
+
+async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let ready = state.ready();
     let loading = || error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "the model is loading");
-    Ok(match (req.method(), req.uri().path()) {
+    match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") if ready => respond(StatusCode::OK, "text/plain", ""),
         (&Method::GET, "/v1/models") if ready => {
             let body = json!({"object": "list", "data": [{
@@ -332,7 +370,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::POST, "/v1/chat/completions") if ready => chat(state, req).await,
         (&Method::POST, "/v1/chat/completions") => loading(),
         _ => error(StatusCode::NOT_FOUND, "NotFoundError", "no such route"),
-    })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -398,6 +436,7 @@ async fn chat(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion as u64},
         });
+        let body = fingerprint(&state, body);
         drop(in_flight);
         respond(StatusCode::OK, "application/json", body.to_string())
     }
@@ -440,6 +479,7 @@ fn stream(in_flight: InFlight, started: Instant, answer: Answer) -> Response<Bod
             "id": answer.id, "object": "chat.completion.chunk", "created": answer.created, "model": state.args.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         });
+        let body = fingerprint(&state, body);
         Bytes::from(format!("data: {body}\n\n"))
     };
     let body = futures::stream::unfold((Step::Role, answer, in_flight), move |(step, answer, in_flight)| {
@@ -471,6 +511,7 @@ fn stream(in_flight: InFlight, started: Instant, answer: Answer) -> Response<Bod
                         "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion,
                                   "total_tokens": answer.prompt_tokens + completion},
                     });
+                    let body = fingerprint(&state, body);
                     (Bytes::from(format!("data: {body}\n\n")), Step::Done)
                 }
                 Step::Done => (Bytes::from_static(b"data: [DONE]\n\n"), Step::End),

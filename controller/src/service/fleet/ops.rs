@@ -8,8 +8,7 @@ use flotilla_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{AuditEntry, ChainCheck};
-use crate::commands::result_wait;
-use crate::registry::Downlink;
+use crate::commands::{DispatchError, deliver, result_wait};
 use crate::service::{Context, blocking};
 
 /// The caller's identity as the audit log names it, if it may act.
@@ -59,13 +58,16 @@ pub async fn exec(
     let node = NodeId::new(req.node_id.clone())
         .map_err(|e| Status::invalid_argument(format!("node id {:?}: {e}", req.node_id)))?;
     let command = Command::parse(&req.command, &req.args, &req.spec_yaml).map_err(Status::invalid_argument)?;
-    let session = ctx.registry.session(&node).ok_or_else(|| {
-        Status::failed_precondition(format!("node {node} is not connected; `flotctl nodes ls` shows its state"))
-    })?;
-    let (id, signed, reply) = ctx.commands.prepare(&node, &command, now_unix_ms()).map_err(|e| {
+    if ctx.registry.session(&node).is_none() {
+        return Err(Status::failed_precondition(format!(
+            "node {node} is not connected; `flotctl nodes ls` shows its state"
+        )));
+    }
+    let prepared = ctx.commands.prepare(&node, &command, now_unix_ms()).map_err(|e| {
         tracing::error!(error = %e, "signing a command failed");
         Status::internal("signing the command failed; see the controller log")
     })?;
+    let id = prepared.0;
     let mut args: Vec<(&String, &String)> = req.args.iter().collect();
     args.sort();
     let detail = serde_json::json!({ "command_id": id.to_string(), "command": command.name(), "args": args });
@@ -74,24 +76,18 @@ pub async fn exec(
         return Err(status);
     }
     tracing::info!(node_id = %node, command_id = %id, command = command.name(), %actor, "sending signed command");
-    let sent =
-        tokio::time::timeout(std::time::Duration::from_secs(5), session.downlink.send(Downlink::Command(signed))).await;
-    if !matches!(sent, Ok(Ok(()))) {
-        ctx.commands.abandon(&id);
-        return Err(Status::unavailable(format!("node {node}'s stream closed or is busy; the command was not sent")));
-    }
-    let wait = result_wait(&command);
-    let reply = match tokio::time::timeout(wait, reply).await {
-        Ok(Ok(reply)) => reply,
-        _ => {
-            ctx.commands.abandon(&id);
+    let reply = match deliver(&ctx.registry, &ctx.commands, &node, prepared, result_wait(&command)).await {
+        Ok(reply) => reply,
+        Err(e @ DispatchError::NoResult { .. }) => {
             let detail = serde_json::json!({ "command_id": id.to_string(), "status": "no result" });
             audit(ctx, &actor, "command.result", node.as_str(), detail).await?;
-            return Err(Status::deadline_exceeded(format!(
-                "no result from {node} within {}s for command {id}; the node may still be running it",
-                wait.as_secs()
-            )));
+            return Err(Status::deadline_exceeded(e.to_string()));
         }
+        Err(e @ DispatchError::Sign(_)) => {
+            tracing::error!(error = %e, "signing a command failed");
+            return Err(Status::internal("signing the command failed; see the controller log"));
+        }
+        Err(e) => return Err(Status::unavailable(e.to_string())),
     };
     let detail = serde_json::json!({
         "command_id": id.to_string(),
