@@ -21,6 +21,19 @@ pub struct AuditEntry {
     pub detail_json: String,
 }
 
+impl AuditEntry {
+    /// An entry stamped now.
+    pub fn now(actor: &str, action: &str, target: &str, detail: &serde_json::Value) -> Self {
+        Self {
+            at_unix_ms: flotilla_common::time::now_unix_ms(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            detail_json: detail.to_string(),
+        }
+    }
+}
+
 /// A stored record: the entry, its place in the chain and the chain hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {

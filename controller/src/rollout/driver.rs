@@ -531,13 +531,7 @@ impl Driver {
     }
 
     fn audit(&self, actor: &str, action: &str, target: &str, detail: serde_json::Value) {
-        let entry = AuditEntry {
-            at_unix_ms: now_unix_ms(),
-            actor: actor.to_owned(),
-            action: action.to_owned(),
-            target: target.to_owned(),
-            detail_json: detail.to_string(),
-        };
+        let entry = AuditEntry::now(actor, action, target, &detail);
         if let Err(error) = self.deps.store.append_audit(entry) {
             tracing::error!(%error, "cannot write the audit log");
         }
@@ -558,13 +552,12 @@ fn same_rollout(a: &Rollout, b: &Rollout) -> bool {
 async fn send(deps: &Deps, deployment: &str, number: u64, i: &Issued) -> Result<IssuedResult, String> {
     let node = NodeId::new(i.node.clone()).map_err(|e| e.to_string())?;
     let id: CommandId = i.id.parse().map_err(|_| format!("stored command id {:?} is not a UUID", i.id))?;
-    let entry = AuditEntry {
-        at_unix_ms: now_unix_ms(),
-        actor: format!("rollout:{deployment}#{number}"),
-        action: "command.issue".to_owned(),
-        target: node.to_string(),
-        detail_json: serde_json::json!({ "command_id": i.id, "command": i.command.name() }).to_string(),
-    };
+    let entry = AuditEntry::now(
+        &format!("rollout:{deployment}#{number}"),
+        "command.issue",
+        node.as_str(),
+        &serde_json::json!({ "command_id": i.id, "command": i.command.name() }),
+    );
     let store = deps.store.clone();
     tokio::task::spawn_blocking(move || store.append_audit(entry))
         .await

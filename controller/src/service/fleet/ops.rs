@@ -30,13 +30,7 @@ pub async fn audit(
     target: &str,
     detail: serde_json::Value,
 ) -> Result<(), Status> {
-    let entry = AuditEntry {
-        at_unix_ms: now_unix_ms(),
-        actor: actor.to_owned(),
-        action: action.to_owned(),
-        target: target.to_owned(),
-        detail_json: detail.to_string(),
-    };
+    let entry = AuditEntry::now(actor, action, target, &detail);
     let store = ctx.store.clone();
     blocking("writing the audit log", move || store.append_audit(entry)).await.map(|_| ())
 }
