@@ -307,6 +307,8 @@ pub enum SimFault {
     Overheat,
     /// A process leaks GPU memory until the card is full.
     MemoryCreep,
+    /// More load than the card serves: utilisation pinned near 100 %.
+    Saturate,
     /// The GPU raises an XID error with this code (79: falls off the bus).
     Xid(u64),
     /// The GPU disappears from the bus.
@@ -320,6 +322,7 @@ impl std::fmt::Display for SimFault {
         match self {
             Self::Overheat => f.write_str("overheat"),
             Self::MemoryCreep => f.write_str("memory-creep"),
+            Self::Saturate => f.write_str("saturate"),
             Self::Xid(code) => write!(f, "xid={code}"),
             Self::GpuLost => f.write_str("gpu-lost"),
             Self::Clear => f.write_str("clear"),
@@ -333,12 +336,13 @@ impl std::str::FromStr for SimFault {
         match s {
             "overheat" => Ok(Self::Overheat),
             "memory-creep" => Ok(Self::MemoryCreep),
+            "saturate" => Ok(Self::Saturate),
             "gpu-lost" => Ok(Self::GpuLost),
             "clear" => Ok(Self::Clear),
             other => match other.strip_prefix("xid=").map(str::parse::<u64>) {
                 Some(Ok(code)) if (1..=1000).contains(&code) => Ok(Self::Xid(code)),
                 _ => Err(format!(
-                    "unknown fault {other:?}: use overheat, memory-creep, xid=CODE (1-1000), gpu-lost or clear"
+                    "unknown fault {other:?}: use overheat, memory-creep, saturate, xid=CODE (1-1000), gpu-lost or clear"
                 )),
             },
         }
@@ -351,7 +355,7 @@ mod tests {
 
     #[test]
     fn faults_parse_and_print() {
-        for f in ["overheat", "memory-creep", "xid=79", "gpu-lost", "clear"] {
+        for f in ["overheat", "memory-creep", "saturate", "xid=79", "gpu-lost", "clear"] {
             assert_eq!(f.parse::<SimFault>().unwrap().to_string(), f);
         }
         assert!("xid=0".parse::<SimFault>().is_err());

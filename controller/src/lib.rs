@@ -9,6 +9,7 @@
 pub mod alert;
 pub mod audit;
 pub mod auth;
+pub mod capacity;
 pub mod commands;
 pub mod config;
 pub mod exporter;

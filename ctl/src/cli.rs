@@ -301,7 +301,7 @@ pub enum AuditCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum SimCmd {
-    /// Inject a fault into a simulated node's GPUs: overheat, memory-creep, xid=CODE, gpu-lost, clear.
+    /// Inject a fault into a simulated node's GPUs: overheat, memory-creep, saturate, xid=CODE, gpu-lost, clear.
     Inject {
         /// Node id.
         node: String,

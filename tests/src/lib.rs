@@ -532,6 +532,12 @@ pub fn eventually_within<T>(patience: Duration, what: &str, mut probe: impl FnMu
 /// vLLM-style `/metrics` page, `/v1/models` and `/health` on a loopback port
 /// from a thread, until the process ends.
 pub fn serve_inference_fixture(metrics_page: String) -> String {
+    serve_inference(move || metrics_page.clone())
+}
+
+/// [`serve_inference_fixture`] with a page made afresh for every scrape (a
+/// simulated load: counters that grow with time).
+pub fn serve_inference(page: impl Fn() -> String + Send + 'static) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind stand-in server");
     let addr = listener.local_addr().expect("address").to_string();
     std::thread::spawn(move || {
@@ -543,7 +549,7 @@ pub fn serve_inference_fixture(metrics_page: String) -> String {
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
-                "/metrics" => ("200 OK", metrics_page.clone()),
+                "/metrics" => ("200 OK", page()),
                 "/v1/models" => {
                     ("200 OK", r#"{"object":"list","data":[{"id":"llama-3-8b","object":"model"}]}"#.to_owned())
                 }

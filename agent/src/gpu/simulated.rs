@@ -36,6 +36,8 @@ const SW_THERMAL_C: f64 = 85.0;
 const HW_THERMAL_C: f64 = 90.0;
 /// A leaking process grows by this share of the card per second.
 const CREEP_SHARE_PER_S: f64 = 0.02;
+/// Utilisation of a saturated GPU (`saturate`): busy, not quite every cycle.
+const SATURATED_UTILIZATION: f64 = 0.98;
 const MAX_CLOCK_MHZ: u32 = 1980;
 
 /// `count` simulated GPUs with curves derived from `seed`.
@@ -75,6 +77,8 @@ struct GpuState {
     overheat_since: Option<Duration>,
     /// When the leak started, if one runs.
     creep_since: Option<Duration>,
+    /// Requests beyond what the card can serve: utilisation pinned near 100 %.
+    saturated: bool,
     lost: bool,
     xids: BTreeMap<u64, u64>,
     ecc_corrected_volatile: u64,
@@ -134,11 +138,13 @@ impl SimulatedGpus {
             match fault {
                 SimFault::Overheat => g.overheat_since = Some(now),
                 SimFault::MemoryCreep => g.creep_since = Some(now),
+                SimFault::Saturate => g.saturated = true,
                 SimFault::GpuLost => g.lost = true,
                 SimFault::Clear => {
                     // A reset clears the volatile counters and the GPU comes back.
                     g.overheat_since = None;
                     g.creep_since = None;
+                    g.saturated = false;
                     g.lost = false;
                     g.ecc_corrected_volatile = 0;
                     g.ecc_uncorrected_volatile = 0;
@@ -151,6 +157,9 @@ impl SimulatedGpus {
     /// Utilisation of GPU `i` at time `t` seconds: a slow diurnal-like wave plus a
     /// faster request-burst wave, each with a per-GPU phase.
     fn utilization(&self, i: usize, t: f64) -> f64 {
+        if self.gpus.get(i).is_some_and(|g| g.saturated) {
+            return SATURATED_UTILIZATION;
+        }
         let h = mix(self.seed ^ (i as u64).wrapping_mul(0x1000_0001));
         let phase = (h % 10_000) as f64 / 10_000.0 * std::f64::consts::TAU;
         let base = 0.25 + 0.5 * (h >> 40) as f64 / f64::from(1u32 << 24);

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 mod alerts;
+mod capacity;
 mod deploy;
 mod ops;
 
@@ -147,6 +148,17 @@ impl Fleet for FleetApi {
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         deploy::get(&self.ctx, request).await
+    }
+
+    async fn capacity_report(
+        &self,
+        request: Request<pb::CapacityReportRequest>,
+    ) -> Result<Response<pb::CapacityReportResponse>, Status> {
+        capacity::report(&self.ctx, request).await
+    }
+
+    async fn diagnose(&self, request: Request<pb::DiagnoseRequest>) -> Result<Response<pb::DiagnoseResponse>, Status> {
+        capacity::diagnose(&self.ctx, request).await
     }
 
     async fn operate_rollout(
