@@ -3,6 +3,7 @@
 //! and the fleet PKI, TLS configuration, config-file loading, logging setup and the
 //! shutdown signal.
 
+pub mod capacity;
 pub mod client;
 pub mod command;
 pub mod config;

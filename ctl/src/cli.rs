@@ -89,6 +89,11 @@ pub enum Command {
     /// Rollouts: follow one, pause, resume, abort or undo it.
     #[command(subcommand)]
     Rollout(RolloutCmd),
+    /// Capacity planning: a team's demand, a model's GPU memory, the fleet's measured capacity.
+    #[command(subcommand)]
+    Capacity(CapacityCmd),
+    /// Run the troubleshooting guide against a node's or deployment's live data.
+    Diagnose(DiagnoseArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -434,6 +439,150 @@ pub struct DemoArgs {
     /// Telemetry interval of the demo agents.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub interval: std::time::Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CapacityCmd {
+    /// The sizing worksheet: the peak tokens/s a team needs, compared with the fleet's
+    /// measured capacity when a controller is reachable (works without one).
+    Plan(CapacityPlanArgs),
+    /// Whether a model fits in GPU memory: weights, KV cache, overhead, and which nodes and
+    /// tensor-parallel sizes can host it (the sizes alone without a controller).
+    Fit(CapacityFitArgs),
+    /// The fleet's measured capacity per endpoint and model, with scaling recommendations.
+    Report {
+        /// The window rates and means are measured over, e.g. 10m or 1h.
+        #[arg(long, default_value = "10m", value_parser = parse_window)]
+        window: std::time::Duration,
+        /// Electricity price per kWh, for the cost per 1,000 tokens (in that price's currency).
+        #[arg(long, value_parser = parse_price)]
+        price_per_kwh: Option<f64>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+}
+
+/// The seed's usage tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UsageArg {
+    /// 20-50 requests a user a day (35 taken), 2,000 tokens each.
+    Light,
+    /// 50-150 requests a user a day (100 taken), 3,000 tokens each.
+    Medium,
+    /// 150-300 requests a user a day (225 taken), 4,000 tokens each.
+    Heavy,
+}
+
+/// The arguments of `capacity plan`.
+#[derive(Debug, Clone, Args)]
+pub struct CapacityPlanArgs {
+    /// Developers using the service.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub team: u32,
+    /// Usage tier.
+    #[arg(long, value_enum)]
+    pub usage: UsageArg,
+    /// Requests per user per day [default: the tier's midpoint].
+    #[arg(long, value_name = "R")]
+    pub requests_per_user: Option<f64>,
+    /// Tokens per request, prompt and response [default: the tier's].
+    #[arg(long, value_name = "T")]
+    pub tokens_per_request: Option<f64>,
+    /// Share of a day's requests that falls in the peak hour, in (0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    pub peak_share: f64,
+    /// Headroom above the peak, 0.4 = 40 % (the seed asks for 30-50 %).
+    #[arg(long, default_value_t = 0.4, allow_negative_numbers = true)]
+    pub headroom: f64,
+    /// Compare only with this model's measured capacity [default: every model].
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// How weights or the KV cache are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    Fp32,
+    Bf16,
+    Fp16,
+    Fp8,
+    Int8,
+    Int4,
+    Awq,
+    Gptq,
+}
+
+/// The arguments of `capacity fit`: a model config, or its sizes by hand.
+#[derive(Debug, Clone, Args)]
+pub struct CapacityFitArgs {
+    /// The model's Hugging Face config.json (--config is flotctl's own config file).
+    #[arg(long, value_name = "PATH")]
+    pub model_config: Option<PathBuf>,
+    /// Parameter count, e.g. 8B, 70.6B or 7240M; with --model-config, instead of the estimate.
+    #[arg(long, required_unless_present = "model_config")]
+    pub params: Option<String>,
+    /// Decoder layers.
+    #[arg(long, required_unless_present = "model_config", conflicts_with = "model_config")]
+    pub layers: Option<u32>,
+    /// Key-value heads (attention heads without grouped-query attention).
+    #[arg(long, required_unless_present = "model_config", conflicts_with = "model_config")]
+    pub kv_heads: Option<u32>,
+    /// Size of one attention head.
+    #[arg(long, required_unless_present = "model_config", conflicts_with = "model_config")]
+    pub head_dim: Option<u32>,
+    /// Query heads, when known: tensor-parallel sizes must divide them.
+    #[arg(long, conflicts_with = "model_config")]
+    pub attention_heads: Option<u32>,
+    /// Weight storage [default: what config.json says, else bf16].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// KV cache storage [default: the model's compute type: the dtype, or 16-bit for quantised weights].
+    #[arg(long, value_enum)]
+    pub kv_dtype: Option<DtypeArg>,
+    /// Tokens per sequence, prompt and output (--context names a flotctl context).
+    #[arg(long, visible_alias = "max-model-len", default_value_t = 8192)]
+    pub context_length: u64,
+    /// Sequences served at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: u64,
+    /// Share of each GPU's memory the server may take (vLLM's --gpu-memory-utilization).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// The arguments of `diagnose`.
+#[derive(Debug, Clone, Args)]
+pub struct DiagnoseArgs {
+    /// A node id or a deployment name.
+    #[arg(value_name = "NODE|DEPLOYMENT")]
+    pub target: String,
+    /// How far back to look, e.g. 10m or 1h.
+    #[arg(long, default_value = "10m", value_parser = parse_window)]
+    pub window: std::time::Duration,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// A measurement window of at least a second; 0 would mean the controller's default,
+/// which nobody typing a window means. The controller enforces its own bounds.
+fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("the window must be at least 1s".to_owned());
+    }
+    Ok(d)
+}
+
+/// A price: a finite number, zero or more.
+fn parse_price(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a price: expected a number of 0 or more, e.g. 0.30")),
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 
 mod alerts;
 mod audit;
+mod capacity;
 mod context;
 mod deploy;
+mod diagnose;
 mod exec;
 mod metrics;
 mod nodes;
@@ -54,6 +56,12 @@ pub async fn dispatch(cli: Cli, env: Env) -> anyhow::Result<()> {
         Command::Sim(cmd) => {
             let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
             sim::run(cmd, &conn).await
+        }
+        // Plan and fit work without a controller, so they resolve the connection themselves.
+        Command::Capacity(cmd) => capacity::run(cmd, &cli.conn, &config_path).await,
+        Command::Diagnose(args) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            diagnose::run(args, &conn).await
         }
         Command::Ca(cmd) => pki::ca(cmd),
         Command::Cert(cmd) => pki::cert(cmd),
