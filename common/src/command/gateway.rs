@@ -10,8 +10,10 @@ use sha2::Digest;
 
 /// The highest weight a server may be given; weights are shares out of the sum.
 pub const MAX_WEIGHT: u8 = 100;
-/// The most servers one upstream may list.
-pub const MAX_SERVERS: usize = 64;
+/// The most servers one upstream may list: two revisions of the largest
+/// deployment (64 replicas) side by side, and what the gateway's per-server
+/// traffic counters keep (`agent::gateway::traffic::MAX_SERVERS`).
+pub const MAX_SERVERS: usize = 128;
 /// The longest upstream name.
 pub const MAX_UPSTREAM_LEN: usize = 64;
 

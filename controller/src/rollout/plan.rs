@@ -71,6 +71,21 @@ pub fn plan_update(
     let mut bad = Vec::new();
     check_gateway(spec, fleet, &mut bad);
     let targets = choose_nodes(deployment, spec, fleet, &mut bad);
+    // The gateway tells replicas apart by address and port: two nodes the gateway
+    // reaches at one address would be one server.
+    let mut by_address: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for node in &targets {
+        by_address.entry(address_of(node, fleet)).or_default().push(node);
+    }
+    for (address, nodes) in &by_address {
+        if nodes.len() > 1 {
+            bad.push(format!(
+                "nodes {} are all reached at {address}: give each node its own `{ADDRESS_LABEL}` label \
+                 ([labels] {ADDRESS_LABEL} = \"10.0.0.5\" in its agent config)",
+                nodes.join(", ")
+            ));
+        }
+    }
     if !bad.is_empty() {
         return Err(PlanError(bad));
     }

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// The longest deployment name: containers are named `NAME-REVISION`.
 pub const MAX_NAME_LEN: usize = 40;
-/// The most replicas one deployment may ask for.
+/// The most replicas one deployment may ask for: during a surge both revisions
+/// share one upstream, which holds at most `gateway::MAX_SERVERS` (128) servers.
+/// Split a larger fleet into several deployments.
 pub const MAX_REPLICAS: u32 = 64;
 /// The largest spec accepted.
 pub const MAX_SPEC_BYTES: usize = 256 * 1024;

@@ -3,8 +3,6 @@
 //! results, the health gates turning a rollout back, deadlines, operator
 //! requests, and the stored form surviving a round trip.
 
-use std::collections::BTreeMap;
-
 use flotilla_common::command::{Command, CommandStatus};
 use flotilla_common::model::Container;
 
@@ -28,7 +26,7 @@ fn spec(extra: &str) -> DeploymentSpec {
 
 fn fleet(gpus_per_node: u32, used_fraction: f64) -> Fleet {
     let mut f = Fleet::default();
-    for n in ["a", "b", "c"] {
+    for (i, n) in ["a", "b", "c"].into_iter().enumerate() {
         let gpus = (0..gpus_per_node)
             .map(|i| GpuFacts {
                 index: i,
@@ -36,7 +34,8 @@ fn fleet(gpus_per_node: u32, used_fraction: f64) -> Fleet {
                 memory_used_bytes: Some((80.0 * GIB as f64 * used_fraction) as u64),
             })
             .collect();
-        f.nodes.insert(n.into(), NodeFacts { connected: true, labels: BTreeMap::new(), gpus, gateway: false });
+        let labels = [(plan::ADDRESS_LABEL.to_owned(), format!("10.0.0.{}", i + 1))].into();
+        f.nodes.insert(n.into(), NodeFacts { connected: true, labels, gpus, gateway: false });
     }
     f.nodes.insert("gw".into(), NodeFacts { connected: true, gateway: true, ..Default::default() });
     f
@@ -198,8 +197,8 @@ fn blue_green_with_spare_gpus_starts_green_beside_blue_and_steps_traffic() {
     assert!(p.new_replicas.iter().all(|r| r.gpus == vec![1] && r.host_port == 18001), "{:?}", p.new_replicas);
     let Action::Traffic { weights, .. } = &p.plan.steps[1].action else { panic!() };
     let w: Vec<(String, u8)> = weights.servers.iter().map(|s| (s.address.clone(), s.weight)).collect();
-    assert_eq!(w[0], ("127.0.0.1:18000".to_owned(), 9));
-    assert_eq!(w[3], ("127.0.0.1:18001".to_owned(), 1));
+    assert_eq!(w[0], ("10.0.0.1:18000".to_owned(), 9));
+    assert_eq!(w[3], ("10.0.0.1:18001".to_owned(), 1));
     let Action::Traffic { weights, .. } = &p.plan.steps[3].action else { panic!() };
     assert!(weights.servers.iter().all(|s| s.address.ends_with(":18001")), "blue leaves the upstream at 100 %");
 }
@@ -245,8 +244,8 @@ fn a_failed_error_gate_sends_traffic_back_to_blue_before_green_stops() {
     w.run(&mut dep, &mut r, 2_000);
     assert!(matches!(r.phase, Phase::Baking { .. }));
     let executed_before = w.executed.len();
-    w.traffic("127.0.0.1:18000", 900.0, 0.0);
-    w.traffic("127.0.0.1:18001", 100.0, 30.0);
+    w.traffic("10.0.0.1:18000", 900.0, 0.0);
+    w.traffic("10.0.0.1:18001", 100.0, 30.0);
     w.run(&mut dep, &mut r, 5_000);
     assert_eq!(r.state, RolloutState::RolledBack, "{:?}", r.events);
     assert!(r.error.as_deref().unwrap().contains("error_ratio"), "{:?}", r.error);
@@ -391,6 +390,16 @@ fn bad_placements_are_refused_before_anything_starts() {
     assert!(err.contains("no node zz"), "{err}");
     assert!(err.contains("node a has 1 GPU(s); a replica needs 2"), "{err}");
     assert!(err.contains("gateway.node a: that agent has no [gateway] section"), "{err}");
+    // Two nodes without an address label would be one server to the gateway.
+    let mut same = fleet(1, 0.1);
+    for n in same.nodes.values_mut() {
+        n.labels.clear();
+    }
+    let mut two = spec("");
+    two.placement.replicas = 2;
+    two.placement.nodes.truncate(2);
+    let err = plan::plan_update(&dep, &two, 1, &same).unwrap_err().to_string();
+    assert!(err.contains("all reached at 127.0.0.1"), "{err}");
 }
 
 #[test]

@@ -5,9 +5,17 @@
 //!
 //! The simulated agents answer signed commands as a real agent does: each
 //! envelope is verified against the controller's pinned public key with the
-//! agent's own checks before `noop` succeeds (anything else fails unexecuted).
+//! agent's own checks before it runs: `noop`, and `deploy`, `drain`, `stop` and
+//! `gateway-set` on simulated state (below); anything else fails unexecuted.
 //! With `--fanout-noop` the sim also plays an admin operator who sends `noop`
 //! to every agent at once, and reports how long the last result takes.
+//!
+//! With `--rollout` one more agent, `gw-sim`, has the gateway role, every agent
+//! runs `deploy`, `drain`, `stop` and `gateway-set` on simulated containers and
+//! upstreams (reporting its containers before each result, and each running
+//! container's readiness in every batch), and the sim as admin deploys a model
+//! over all GPU nodes and then updates it blue-green, with zero bake times, and
+//! reports the time, the commands per node and the controller's CPU of each.
 
 // The JSON line on stdout is this tool's product and progress goes to stderr, so
 // printing is the point here, not a stray debug aid.
@@ -17,11 +25,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use flotilla_common::command::{Command, CommandStatus};
+use flotilla_common::command::gateway::MAX_SERVERS;
+use flotilla_common::command::{Command, CommandStatus, GatewayWeights};
 use flotilla_common::envelope::{CommandId, Envelope, PinnedKey, SignedEnvelope};
 use flotilla_common::pki::{self, CaInit};
 use flotilla_common::time::now_unix_ms;
@@ -57,6 +67,23 @@ const EXEC_TIMEOUT: Duration = Duration::from_secs(90);
 /// controller allows 256 concurrent HTTP/2 streams on one connection, and calls
 /// beyond that wait client-side for a free stream.
 const CALLS_PER_CHANNEL: usize = 200;
+/// The extra agent with the gateway role in --rollout mode.
+const GATEWAY_NODE: &str = "gw-sim";
+/// Most replicas per deployment when --rollout-deployments is 0: a blue-green
+/// traffic step lists every old and every new server in one upstream, and the
+/// agent accepts at most 64 servers per upstream.
+const REPLICAS_PER_DEPLOYMENT: usize = MAX_SERVERS / 2;
+/// How often the operator side reads each rollout's status.
+const ROLLOUT_POLL: Duration = Duration::from_millis(100);
+/// Hang guard for one rollout phase.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(600);
+/// The controller's CPU is sampled this long before the first apply, to tell the
+/// rollout's cost from the telemetry load's.
+const ROLLOUT_BASELINE: Duration = Duration::from_secs(5);
+/// Pause between the initial deploy's end and the update.
+const ROLLOUT_PAUSE: Duration = Duration::from_secs(2);
+/// What the simulated agents count, by command name; anything else is "other".
+const KINDS: [&str; 6] = ["deploy", "drain", "stop", "gateway-set", "noop", "other"];
 
 /// Drives the real controller with simulated agents and prints one JSON line.
 #[derive(Debug, Parser)]
@@ -106,6 +133,18 @@ struct Args {
     /// 200 agents, under the controller's 256 concurrent streams per connection).
     #[arg(long, default_value_t = 0)]
     fanout_channels: usize,
+    /// Rollout benchmark: adds the gateway agent `gw-sim`; from the window's start
+    /// an admin operator applies a deployment over every GPU node (one replica of
+    /// one GPU each, blue-green, steps 10/50/100 %, zero bake and min_healthy_time),
+    /// waits for it to succeed, then applies a second revision; the report gives
+    /// each phase's time, commands per node and controller CPU.
+    #[arg(long)]
+    rollout: bool,
+    /// Deployments the GPU nodes are split over, applied at once, each with its
+    /// own upstream on `gw-sim` (0: as few as keep each at most 32 replicas, so
+    /// that a blue-green step's old and new servers fit the gateway's 64).
+    #[arg(long, default_value_t = 0)]
+    rollout_deployments: usize,
 }
 
 impl Args {
@@ -128,6 +167,12 @@ impl Args {
         }
         if self.fanout_noop && self.fanout_rounds == 0 {
             bail!("--fanout-rounds must be above zero");
+        }
+        if self.rollout && self.fanout_noop {
+            bail!("--rollout and --fanout-noop are separate benchmarks: give one");
+        }
+        if self.rollout_deployments > self.agents {
+            bail!("--rollout-deployments is above --agents");
         }
         Ok(())
     }
@@ -161,6 +206,9 @@ struct Report {
     /// With --fanout-noop.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     fanout: Option<FanoutReport>,
+    /// With --rollout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<RolloutReport>,
 }
 
 /// The fan-out figures. Latencies are from the operator's side; verification
@@ -225,9 +273,10 @@ async fn run(args: Args) -> Result<Report> {
     let started = Instant::now();
     let pki_dir = tmp.path().join("pki");
     let n = args.agents;
+    let gateway = args.rollout;
     let (controller_tls, nodes) =
-        tokio::task::spawn_blocking(move || make_pki(&pki_dir, n)).await.context("certificate task")??;
-    eprintln!("issued {n} agent certificates in {:.1}s", started.elapsed().as_secs_f64());
+        tokio::task::spawn_blocking(move || make_pki(&pki_dir, n, gateway)).await.context("certificate task")??;
+    eprintln!("issued {} agent certificates in {:.1}s", nodes.len(), started.elapsed().as_secs_f64());
     let mut controller = Controller::start(&bin, tmp.path(), &controller_tls, args.rules.as_deref()).await?;
     // On SIGINT or SIGTERM, still stop the controller and remove the temp dir (the
     // store alone can reach gigabytes).
@@ -249,6 +298,7 @@ async fn run(args: Args) -> Result<Report> {
             Ok(report)
         }
         (Err(e), _) | (_, Err(e)) => {
+            controller.report_problems();
             eprintln!("controller log tail ({}):\n{}", controller.log.display(), controller.log_tail(30));
             Err(e)
         }
@@ -259,18 +309,22 @@ async fn run(args: Args) -> Result<Report> {
 struct SimNode {
     id: NodeId,
     tls: TlsFiles,
+    /// The agent has the gateway role (`gw-sim`, with --rollout).
+    gateway: bool,
 }
 
-/// A fleet CA in `dir`, the controller's TLS files and one certificate per agent.
-fn make_pki(dir: &Path, agents: usize) -> Result<(TlsFiles, Vec<SimNode>)> {
+/// A fleet CA in `dir`, the controller's TLS files and one certificate per agent
+/// (and, with `gateway`, one more for the gateway agent, last).
+fn make_pki(dir: &Path, agents: usize, gateway: bool) -> Result<(TlsFiles, Vec<SimNode>)> {
     let ca = pki::init_ca(dir, &CaInit::default()).context("create the fleet CA")?;
-    let nodes = (1..=agents)
-        .map(|i| {
-            let id = NodeId::new(format!("sim-{i:04}"))?;
+    let names = (1..=agents).map(|i| format!("sim-{i:04}")).chain(gateway.then(|| GATEWAY_NODE.to_owned()));
+    let nodes = names
+        .map(|name| {
+            let id = NodeId::new(name)?;
             let paths = pki::issue(dir, &Identity::Node(id.clone()), pki::LEAF_VALIDITY, false)
                 .with_context(|| format!("issue the certificate of {id}"))?;
             let tls = TlsFiles::from_pki_dir(dir, &paths);
-            Ok(SimNode { id, tls })
+            Ok(SimNode { gateway: id.as_str() == GATEWAY_NODE, id, tls })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((TlsFiles::from_pki_dir(dir, &ca.controller), nodes))
@@ -295,13 +349,17 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_di
     // The fan-out runs inside the window, beside the telemetry load; it may outlast it.
     let fanout =
         async { if args.fanout_noop { Some(fanout_noop(args, controller, pki_dir, &ids).await) } else { None } };
+    let tally = Arc::clone(&fleet.tally);
+    let rollout =
+        async { if args.rollout { Some(rollout_bench(args, controller, pki_dir, &ids, &tally).await) } else { None } };
     let window = async {
         sleep_until(start + args.duration).await;
         (controller.cpu_seconds(), cpu_seconds("self"), Instant::now())
     };
-    let (fanout, (cpu1, sim1, end)) = tokio::join!(fanout, window);
+    let (fanout, rollout, (cpu1, sim1, end)) = tokio::join!(fanout, rollout, window);
     let (cpu1, sim1) = (cpu1?, sim1?);
     let fanout = fanout.transpose()?;
+    let rollout = rollout.transpose()?;
     let window = start..end;
     let (reports, mut errors) = fleet.finish((args.interval * 2).max(DRAIN)).await;
 
@@ -346,6 +404,7 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_di
         alert_latency_p99_ms: percentile_ms(&alert_latencies, 0.99),
         alert_latency_max_ms: alert_latencies.last().map(|d| round3(d.as_secs_f64() * 1000.0)),
         fanout: fanout.map(|f| f.report(&reports)),
+        rollout,
     };
     if args.hot_agents > 0 && alert_latencies.len() < crossings.len() {
         eprintln!("{} of {} hot agents saw no alert fire", crossings.len() - alert_latencies.len(), crossings.len());
@@ -483,10 +542,298 @@ async fn exec_noop(channel: Channel, node: String) -> Result<(Duration, Instant)
     }
 }
 
+/// The rollout figures: an initial deploy, then a blue-green update.
+#[derive(Debug, serde::Serialize)]
+struct RolloutReport {
+    gpu_nodes: usize,
+    deployments: usize,
+    /// The controller's CPU per second over the telemetry load alone, measured
+    /// just before the first apply.
+    idle_controller_cpu_per_second: f64,
+    /// The same with every deployment's rollout polled every 100 ms as during
+    /// the phases, measured after the last one ended: the operator's own cost.
+    polling_controller_cpu_per_second: f64,
+    initial: PhaseReport,
+    blue_green: PhaseReport,
+}
+
+/// One phase: every deployment applied at once, until the last succeeded.
+#[derive(Debug, serde::Serialize)]
+struct PhaseReport {
+    /// What the controller planned, and its steps per deployment.
+    strategy: String,
+    steps: usize,
+    replicas: usize,
+    /// First ApplyDeployment sent → last response.
+    apply_ms: f64,
+    /// First ApplyDeployment sent → the last GetRollout saying "succeeded"
+    /// (polled every 100 ms).
+    wall_ms: f64,
+    /// The controller's own record: earliest start to latest finish.
+    controller_span_ms: i64,
+    /// Commands the agents received in the phase, by kind (resends apart).
+    commands: BTreeMap<&'static str, usize>,
+    commands_per_gpu_node_min: usize,
+    commands_per_gpu_node_max: usize,
+    commands_per_gpu_node_mean: f64,
+    gateway_commands: usize,
+    resent: usize,
+    controller_cpu_seconds: f64,
+    /// The same less the idle rate over the phase's wall time.
+    controller_cpu_seconds_above_idle: f64,
+}
+
+/// Deploys revision 1 of a model over every GPU node, split into deployments,
+/// waits for it, then rolls out revision 2 (blue-green), as an admin operator.
+async fn rollout_bench(
+    args: &Args,
+    controller: &Controller,
+    pki_dir: &Path,
+    nodes: &[NodeId],
+    tally: &Tally,
+) -> Result<RolloutReport> {
+    let gpu_nodes: Vec<(usize, String)> =
+        nodes.iter().enumerate().filter(|(_, n)| n.as_str() != GATEWAY_NODE).map(|(i, n)| (i, n.to_string())).collect();
+    let gateway = nodes.iter().position(|n| n.as_str() == GATEWAY_NODE).context("no gateway agent")?;
+    let count = match args.rollout_deployments {
+        0 => gpu_nodes.len().div_ceil(REPLICAS_PER_DEPLOYMENT),
+        d => d,
+    };
+    // Contiguous groups whose sizes differ by at most one.
+    let (base, extra) = (gpu_nodes.len() / count, gpu_nodes.len() % count);
+    let mut groups: Vec<Vec<String>> = Vec::with_capacity(count);
+    let mut rest = gpu_nodes.iter().map(|(_, n)| n.clone());
+    for g in 0..count {
+        groups.push(rest.by_ref().take(base + usize::from(g < extra)).collect());
+    }
+    let admin =
+        pki::leaf_paths(pki_dir, &Identity::Operator { name: "admin".into(), role: flotilla_common::Role::Admin });
+    let tls = TlsFiles::from_pki_dir(pki_dir, &admin);
+    let url = format!("https://{}", controller.addr);
+    let channel = client::endpoint(&url, &tls)?.connect().await.map_err(|e| anyhow!(client::describe(&e)))?;
+    let fleet = FleetClient::new(channel);
+
+    let (cpu0, t0) = (controller.cpu_seconds()?, Instant::now());
+    tokio::time::sleep(ROLLOUT_BASELINE).await;
+    let idle = (controller.cpu_seconds()? - cpu0) / t0.elapsed().as_secs_f64();
+    let agents = Agents { gpu: gpu_nodes.iter().map(|(i, _)| *i).collect(), gateway };
+    let initial = rollout_phase(&fleet, controller, tally, &agents, &groups, 1, idle).await?;
+    tokio::time::sleep(ROLLOUT_PAUSE).await;
+    let blue_green = rollout_phase(&fleet, controller, tally, &agents, &groups, 2, idle).await?;
+
+    let (cpu0, t0) = (controller.cpu_seconds()?, Instant::now());
+    let mut poll = tokio::time::interval(ROLLOUT_POLL);
+    while t0.elapsed() < ROLLOUT_BASELINE {
+        poll.tick().await;
+        for g in 0..count {
+            let request = pb::GetRolloutRequest { name: deployment_name(g), number: 0 };
+            fleet.clone().get_rollout(request).await.map_err(|s| anyhow!("GetRollout: {}", s.message()))?;
+        }
+    }
+    let polling = (controller.cpu_seconds()? - cpu0) / t0.elapsed().as_secs_f64();
+    Ok(RolloutReport {
+        gpu_nodes: gpu_nodes.len(),
+        deployments: count,
+        idle_controller_cpu_per_second: round3(idle),
+        polling_controller_cpu_per_second: round3(polling),
+        initial,
+        blue_green,
+    })
+}
+
+/// Which agents (by index) are GPU nodes and which is the gateway.
+struct Agents {
+    gpu: Vec<usize>,
+    gateway: usize,
+}
+
+fn deployment_name(group: usize) -> String {
+    format!("bench-{:02}", group + 1)
+}
+
+/// The deployment spec (JSON, which is YAML) of `revision` over `nodes`.
+fn deployment_spec(name: &str, nodes: &[String], revision: u32) -> String {
+    serde_json::json!({
+        "name": name,
+        "model": { "name": "sim-model", "revision": "2025-01-01" },
+        "runtime": {
+            "image": "vllm/vllm-openai:v0.8.5",
+            "args": ["--model", "/model", "--served-model-name", "sim-model", "--port", "8000"],
+            "env": { "HF_HUB_OFFLINE": "1", "BENCH_REVISION": revision.to_string() },
+            "port": 8000,
+            "host_port": 18000,
+            "gpus": 1,
+        },
+        "placement": { "nodes": nodes, "replicas": nodes.len() },
+        "gateway": { "node": GATEWAY_NODE, "upstream": name },
+        "strategy": { "type": "blue-green", "steps": [10, 50, 100], "bake": "0s", "min_healthy_time": "0s" },
+    })
+    .to_string()
+}
+
+/// Applies `revision` of every deployment at once and waits until each rollout
+/// has succeeded; any other end is an error that carries the rollout's status.
+async fn rollout_phase(
+    fleet: &FleetClient<Channel>,
+    controller: &Controller,
+    tally: &Tally,
+    agents: &Agents,
+    groups: &[Vec<String>],
+    revision: u32,
+    idle: f64,
+) -> Result<PhaseReport> {
+    let specs: Vec<(String, String)> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, nodes)| {
+            let name = deployment_name(i);
+            let spec = deployment_spec(&name, nodes, revision);
+            (name, spec)
+        })
+        .collect();
+    let (counts0, resent0) = tally.snapshot();
+    let cpu0 = controller.cpu_seconds()?;
+    let began = Instant::now();
+    let applies = specs.iter().map(|(name, yaml)| {
+        let mut fleet = fleet.clone();
+        let request = pb::ApplyDeploymentRequest { spec_yaml: yaml.clone(), dry_run: false };
+        async move { (name, fleet.apply_deployment(request).await) }
+    });
+    let mut running: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut strategy, mut steps) = (String::new(), 0);
+    for (name, response) in futures::future::join_all(applies).await {
+        let response = match response {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                bail!("ApplyDeployment {name} revision {revision}: {:?}: {}", status.code(), status.message())
+            }
+        };
+        if response.unchanged || response.rollout == 0 {
+            bail!("ApplyDeployment {name}: no rollout started (unchanged: {})", response.unchanged);
+        }
+        if let Some(plan) = &response.plan {
+            strategy.clone_from(&plan.strategy);
+            steps = plan.steps.len();
+            if name.ends_with("-01") {
+                for note in &plan.notes {
+                    eprintln!("{name} revision {revision} plan: {note}");
+                }
+            }
+        }
+        running.insert(name.clone(), response.rollout);
+    }
+    let apply_ms = began.elapsed().as_secs_f64() * 1000.0;
+    let mut done: BTreeMap<String, (Instant, pb::RolloutStatus)> = BTreeMap::new();
+    let mut poll = tokio::time::interval(ROLLOUT_POLL);
+    let deadline = began + ROLLOUT_TIMEOUT;
+    while done.len() < running.len() {
+        poll.tick().await;
+        for (name, number) in &running {
+            if done.contains_key(name) {
+                continue;
+            }
+            let mut fleet = fleet.clone();
+            let status = fleet
+                .get_rollout(pb::GetRolloutRequest { name: name.clone(), number: *number })
+                .await
+                .map_err(|s| anyhow!("GetRollout {name}: {:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let state = status.state.clone();
+            match state.as_str() {
+                "succeeded" => {
+                    done.insert(name.clone(), (Instant::now(), status));
+                }
+                "progressing" | "paused" if Instant::now() < deadline => {}
+                other => {
+                    bail!(
+                        "rollout {number} of {name} (revision {revision}) is {other} after {:.1}s:\n{}",
+                        began.elapsed().as_secs_f64(),
+                        serde_json::to_string_pretty(&status_json(&status))?
+                    );
+                }
+            }
+        }
+    }
+    let cpu = controller.cpu_seconds()? - cpu0;
+    let (counts1, resent1) = tally.snapshot();
+    let last = done.values().map(|(at, _)| *at).max().unwrap_or(began);
+    let wall = (last - began).as_secs_f64();
+    let statuses: Vec<&pb::RolloutStatus> = done.values().map(|(_, s)| s).collect();
+    let start = statuses.iter().map(|s| s.started_unix_ms).min().unwrap_or_default();
+    let end = statuses.iter().map(|s| s.finished_unix_ms).max().unwrap_or_default();
+    if let Some(first) = statuses.first() {
+        eprintln!("{} rollout {} (revision {revision}), as the controller logged it:", first.deployment, first.number);
+        for e in &first.events {
+            let text: String = e.text.chars().take(160).collect();
+            eprintln!("  +{:>6} ms  {text}", e.at_unix_ms - first.started_unix_ms);
+        }
+    }
+    let delta = |agent: usize| -> [usize; KINDS.len()] {
+        std::array::from_fn(|k| counts1[agent][k].saturating_sub(counts0[agent][k]))
+    };
+    let mut commands = BTreeMap::new();
+    for agent in agents.gpu.iter().chain(std::iter::once(&agents.gateway)) {
+        for (k, n) in delta(*agent).into_iter().enumerate() {
+            if n > 0 {
+                *commands.entry(KINDS[k]).or_default() += n;
+            }
+        }
+    }
+    let per_node: Vec<usize> = agents.gpu.iter().map(|a| delta(*a).iter().sum()).collect();
+    let total: usize = per_node.iter().sum();
+    Ok(PhaseReport {
+        strategy,
+        steps,
+        replicas: groups.iter().map(Vec::len).sum(),
+        apply_ms: round3(apply_ms),
+        wall_ms: round3(wall * 1000.0),
+        controller_span_ms: end - start,
+        commands,
+        commands_per_gpu_node_min: per_node.iter().copied().min().unwrap_or_default(),
+        commands_per_gpu_node_max: per_node.iter().copied().max().unwrap_or_default(),
+        commands_per_gpu_node_mean: round3(total as f64 / per_node.len().max(1) as f64),
+        gateway_commands: delta(agents.gateway).iter().sum(),
+        resent: resent1 - resent0,
+        controller_cpu_seconds: round3(cpu),
+        controller_cpu_seconds_above_idle: round3(cpu - idle * wall),
+    })
+}
+
+/// The parts of a rollout's status that say where and why it stopped.
+fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
+    let at = |ms: i64| ms - s.started_unix_ms;
+    serde_json::json!({
+        "deployment": s.deployment,
+        "number": s.number,
+        "state": s.state,
+        "from_revision": s.from_revision,
+        "to_revision": s.to_revision,
+        "step": s.step,
+        "steps": s.steps,
+        "step_label": s.step_label.chars().take(200).collect::<String>(),
+        "phase": s.phase,
+        "reverting": s.reverting,
+        "error": s.error,
+        "new_share": s.new_share,
+        "gates": s.gates.iter().map(|g| serde_json::json!({
+            "gate": g.gate, "verdict": g.verdict, "detail": g.detail.chars().take(300).collect::<String>(),
+        })).collect::<Vec<_>>(),
+        "events": s.events.iter().map(|e| {
+            format!("+{} ms {}", at(e.at_unix_ms), e.text.chars().take(200).collect::<String>())
+        }).collect::<Vec<_>>(),
+        "commands_not_succeeded": s.commands.iter().filter(|c| c.status != "succeeded").map(|c| serde_json::json!({
+            "node": c.node, "command": c.command, "status": c.status, "detail": c.detail,
+        })).collect::<Vec<_>>(),
+        "commands": s.commands.len(),
+    })
+}
+
 /// The running simulated agents.
 struct Fleet {
     /// When each agent (by index) makes its GPU 0 hot; `None`: never.
     hot_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
+    /// The commands each agent has received so far.
+    tally: Arc<Tally>,
     tasks: JoinSet<AgentReport>,
     stop: CancellationToken,
     close: CancellationToken,
@@ -495,18 +842,20 @@ struct Fleet {
 impl Fleet {
     /// Spawns every agent and waits until each has connected or failed to.
     async fn launch(args: &Args, url: String, command_key: PinnedKey, nodes: Vec<SimNode>) -> Self {
+        let agents = nodes.len();
         let plan = Arc::new(Plan {
             url,
             command_key,
             gpus: args.gpus_per_agent,
             interval: args.interval,
-            agents: args.agents,
+            agents,
             epoch: Instant::now(),
         });
         let gate = Arc::new(Semaphore::new(args.connect_concurrency));
         let (stop, close) = (CancellationToken::new(), CancellationToken::new());
-        let (connected_tx, mut connected_rx) = mpsc::channel(args.agents);
-        let hot_at = Arc::new(std::sync::Mutex::new(vec![None; args.agents]));
+        let (connected_tx, mut connected_rx) = mpsc::channel(agents);
+        let hot_at = Arc::new(std::sync::Mutex::new(vec![None; agents]));
+        let tally = Arc::new(Tally::new(agents));
         let mut tasks = JoinSet::new();
         for (index, node) in nodes.into_iter().enumerate() {
             let ctl = AgentCtl {
@@ -514,6 +863,7 @@ impl Fleet {
                 gate: Arc::clone(&gate),
                 connected: connected_tx.clone(),
                 hot_at: Arc::clone(&hot_at),
+                tally: Arc::clone(&tally),
                 stop: stop.clone(),
                 close: close.clone(),
             };
@@ -524,13 +874,13 @@ impl Fleet {
         let deadline = Instant::now() + CONNECT_PHASE_TIMEOUT;
         while let Ok(Some(ok)) = tokio::time::timeout_at(deadline, connected_rx.recv()).await {
             (up, outcomes) = (up + usize::from(ok), outcomes + 1);
-            if outcomes == args.agents {
+            if outcomes == agents {
                 break;
             }
         }
         let secs = plan.epoch.elapsed().as_secs_f64();
-        eprintln!("{up} of {} agents connected in {secs:.1}s", args.agents);
-        Self { hot_at, tasks, stop, close }
+        eprintln!("{up} of {agents} agents connected in {secs:.1}s");
+        Self { hot_at, tally, tasks, stop, close }
     }
 
     /// Stops new batches, waits up to `drain` for the acks in flight, then closes
@@ -587,6 +937,7 @@ struct AgentCtl {
     gate: Arc<Semaphore>,
     connected: mpsc::Sender<bool>,
     hot_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
+    tally: Arc<Tally>,
     /// Stop making batches; wait for the acks of those in flight.
     stop: CancellationToken,
     /// Stop now.
@@ -628,7 +979,10 @@ async fn agent(index: usize, node: SimNode, ctl: AgentCtl) -> AgentReport {
     };
     let _ = ctl.connected.send(opened.is_ok()).await;
     let result = match opened {
-        Ok((tx, inbound)) => stream(index, &node.id, tx, inbound, &ctl, &mut report).await,
+        Ok((tx, inbound)) => {
+            let mut host = Host::new(node.gateway, index, Arc::clone(&ctl.tally));
+            stream(&node.id, tx, inbound, &ctl, &mut report, &mut host).await
+        }
         Err(e) => Err(e.context("connect")),
     };
     if let Err(e) = result {
@@ -648,7 +1002,7 @@ async fn open(index: usize, node: &SimNode, plan: &Plan) -> Result<(Outbox, Stre
     let hello = pb::Hello {
         protocol_version: PROTOCOL_VERSION,
         node_id: node.id.to_string(),
-        inventory: Some(inventory(&node.id, index, plan.gpus)),
+        inventory: Some(inventory(&node.id, index, if node.gateway { 0 } else { plan.gpus }, node.gateway)),
         heartbeat_interval_ms: u32::try_from(plan.interval.as_millis())?,
     };
     send(&tx, Up::Hello(hello)).await?;
@@ -659,22 +1013,25 @@ async fn open(index: usize, node: &SimNode, plan: &Plan) -> Result<(Outbox, Stre
     }
 }
 
-/// Sends a batch and a heartbeat every interval and matches acks to batches.
+/// Sends a batch and a heartbeat every interval, matches acks to batches and
+/// answers commands (a changed container list first, as the real agent does).
 async fn stream(
-    index: usize,
     me: &NodeId,
     tx: Outbox,
     mut inbound: Streaming<pb::ControllerMessage>,
     ctl: &AgentCtl,
     report: &mut AgentReport,
+    host: &mut Host,
 ) -> Result<()> {
     let plan = &ctl.plan;
+    let index = host.index;
     let offset = plan.interval.mul_f64(index as f64 / plan.agents as f64);
     let first = next_tick(plan.epoch + offset, plan.interval, Instant::now());
     let mut batches = tokio::time::interval_at(first, plan.interval);
     let mut heartbeats = tokio::time::interval_at(first + plan.interval / 2, plan.interval);
     heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let uuids: Vec<String> = (0..plan.gpus).map(|g| gpu_uuid(index, g)).collect();
+    let gpus = if host.gateway { 0 } else { plan.gpus };
+    let uuids: Vec<String> = (0..gpus).map(|g| gpu_uuid(index, g)).collect();
     let (mut seq, mut sending) = (0, true);
     loop {
         tokio::select! {
@@ -687,6 +1044,7 @@ async fn stream(
                 seq += 1;
                 let made = Instant::now();
                 let mut batch = telemetry(seq, index, &uuids);
+                batch.samples.extend(host.readiness());
                 let hot = ctl.hot_at.lock().ok().and_then(|h| h.get(index).copied().flatten());
                 if hot.is_some_and(|at| made >= at)
                     && let Some(gpu) = batch.gpus.first_mut()
@@ -712,7 +1070,10 @@ async fn stream(
                     if !sending && report.pending.is_empty() { return Ok(()) }
                 }
                 Some(pb::ControllerMessage { body: Some(Down::Command(signed)) }) => {
-                    let result = answer(signed, me, &plan.command_key, report);
+                    let result = answer(signed, me, &plan.command_key, report, host);
+                    if std::mem::take(&mut host.changed) {
+                        send(&tx, Up::Containers(host.report())).await?;
+                    }
                     send(&tx, Up::CommandResult(result)).await?;
                 }
                 Some(_) => {}
@@ -724,9 +1085,15 @@ async fn stream(
 
 /// Answers a signed command as the real agent does (its `Gate` and executor):
 /// nothing in the envelope is used before it verifies against the pinned key for
-/// this node within its validity; then `noop` succeeds with the agent's own result
-/// and any other command fails unexecuted, since the simulator has no host.
-fn answer(signed: pb::SignedCommand, me: &NodeId, key: &PinnedKey, report: &mut AgentReport) -> pb::CommandResult {
+/// this node within its validity; then [`Host::execute`] runs it on the simulated
+/// host, and a resent id gets the stored result without running again.
+fn answer(
+    signed: pb::SignedCommand,
+    me: &NodeId,
+    key: &PinnedKey,
+    report: &mut AgentReport,
+    host: &mut Host,
+) -> pb::CommandResult {
     let signed = SignedEnvelope { bytes: signed.envelope, signature: signed.signature };
     let began = std::time::Instant::now();
     let verified = key.verify::<Command>(&signed, me, now_unix_ms(), |_| false);
@@ -741,24 +1108,152 @@ fn answer(signed: pb::SignedCommand, me: &NodeId, key: &PinnedKey, report: &mut 
         }
     };
     if let Some(stored) = report.results.get(&envelope.id) {
+        host.tally.resent.fetch_add(1, Ordering::Relaxed);
         return stored.clone();
     }
-    let result = match envelope.payload {
-        Command::Noop => command_result(
-            Some(envelope.id),
-            CommandStatus::Succeeded,
-            "noop".into(),
-            &serde_json::json!({ "noop": true }),
-        ),
-        other => command_result(
-            Some(envelope.id),
-            CommandStatus::Failed,
-            format!("the fleet simulator executes only noop; {} was not run", other.name()),
-            &serde_json::json!({}),
-        ),
-    };
+    host.tally.count(host.index, envelope.payload.name());
+    let (status, detail, output) = host.execute(envelope.payload);
+    let result = command_result(Some(envelope.id), status, detail, &output);
     report.results.insert(envelope.id, result.clone());
     result
+}
+
+/// Commands received by each agent, by kind (see [`KINDS`]), and resends.
+struct Tally {
+    per_agent: Vec<[AtomicUsize; KINDS.len()]>,
+    /// Commands received again under an id already answered.
+    resent: AtomicUsize,
+}
+
+impl Tally {
+    fn new(agents: usize) -> Self {
+        let per_agent = (0..agents).map(|_| std::array::from_fn(|_| AtomicUsize::new(0))).collect();
+        Self { per_agent, resent: AtomicUsize::new(0) }
+    }
+
+    fn count(&self, agent: usize, name: &str) {
+        let kind = KINDS.iter().position(|k| *k == name).unwrap_or(KINDS.len() - 1);
+        if let Some(counts) = self.per_agent.get(agent) {
+            counts[kind].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Each agent's counts now, and the resends.
+    fn snapshot(&self) -> (Vec<[usize; KINDS.len()]>, usize) {
+        let per_agent = self.per_agent.iter().map(|c| std::array::from_fn(|k| c[k].load(Ordering::Relaxed))).collect();
+        (per_agent, self.resent.load(Ordering::Relaxed))
+    }
+}
+
+/// What a simulated agent runs commands on: containers that start at once and
+/// are ready as soon as they run, and, on the gateway agent, nginx upstreams
+/// that take any valid weights.
+struct Host {
+    gateway: bool,
+    index: usize,
+    tally: Arc<Tally>,
+    /// Managed containers by name.
+    containers: BTreeMap<String, pb::Container>,
+    /// The list changed since it was last reported.
+    changed: bool,
+    /// The gateway's upstreams, by name.
+    upstreams: BTreeMap<String, GatewayWeights>,
+    started: u64,
+}
+
+impl Host {
+    fn new(gateway: bool, index: usize, tally: Arc<Tally>) -> Self {
+        Self {
+            gateway,
+            index,
+            tally,
+            containers: BTreeMap::new(),
+            changed: false,
+            upstreams: BTreeMap::new(),
+            started: 0,
+        }
+    }
+
+    /// Runs a verified command: its status, detail and output.
+    fn execute(&mut self, command: Command) -> (CommandStatus, String, serde_json::Value) {
+        let ok = CommandStatus::Succeeded;
+        let failed = |detail: String| (CommandStatus::Failed, detail, serde_json::json!({}));
+        match command {
+            Command::Noop => (ok, "noop".into(), serde_json::json!({ "noop": true })),
+            Command::Deploy { spec_yaml } => {
+                // The controller sends JSON (which the real agent reads as YAML).
+                let spec: serde_json::Value = match serde_json::from_str(&spec_yaml) {
+                    Ok(spec) => spec,
+                    Err(e) => return failed(format!("the container spec is not JSON: {e}")),
+                };
+                let text = |key: &str| match &spec[key] {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                };
+                let (Some(deployment), Some(revision)) = (text("name"), text("revision")) else {
+                    return failed("the container spec has no name or revision".into());
+                };
+                let name = format!("{deployment}-{revision}");
+                self.started += 1;
+                let container = pb::Container {
+                    name: name.clone(),
+                    id: format!("{:06x}{:06x}", self.index & 0xff_ffff, self.started & 0xff_ffff),
+                    image: text("image").unwrap_or_default(),
+                    state: "running".into(),
+                    health: String::new(),
+                    deployment,
+                    revision,
+                    created_unix_ms: now_unix_ms(),
+                };
+                self.containers.insert(name.clone(), container);
+                self.changed = true;
+                (ok, format!("started {name}"), serde_json::json!({ "container": name }))
+            }
+            Command::Drain { container, .. } | Command::Stop { container, .. } => {
+                match self.containers.get_mut(&container) {
+                    Some(c) => {
+                        self.changed |= c.state != "exited";
+                        c.state = "exited".into();
+                        (ok, format!("stopped {container}"), serde_json::json!({ "container": container }))
+                    }
+                    None => failed(format!("no managed container {container}")),
+                }
+            }
+            Command::GatewaySet(weights) if self.gateway => match weights.validate() {
+                Ok(()) => {
+                    let detail = format!("upstream {} serves {} servers", weights.upstream, weights.servers.len());
+                    let output = serde_json::json!({ "upstream": weights.upstream, "revision": weights.revision() });
+                    self.upstreams.insert(weights.upstream.clone(), weights);
+                    (ok, detail, output)
+                }
+                Err(e) => failed(format!("gateway-set: {e}")),
+            },
+            Command::GatewaySet(_) => failed("this agent has no [gateway] section".into()),
+            other => failed(format!(
+                "the fleet simulator executes only noop, deploy, drain, stop and gateway-set; {} was not run",
+                other.name()
+            )),
+        }
+    }
+
+    /// The whole container list, as `AgentMessage.containers` carries it.
+    fn report(&self) -> pb::ContainerReport {
+        pb::ContainerReport {
+            containers: self.containers.values().cloned().collect(),
+            runtime_error: String::new(),
+            listed_unix_ms: now_unix_ms(),
+        }
+    }
+
+    /// `flotilla_inference_ready{endpoint=NAME} 1` for each running container.
+    fn readiness(&self) -> impl Iterator<Item = pb::Sample> + '_ {
+        self.containers.values().filter(|c| c.state == "running").map(|c| pb::Sample {
+            name: "flotilla_inference_ready".into(),
+            labels: HashMap::from([("endpoint".to_owned(), c.name.clone())]),
+            value: 1.0,
+        })
+    }
 }
 
 /// The id of an envelope that failed verification, read without trusting it, so
@@ -807,7 +1302,13 @@ fn gpu_uuid(agent: usize, gpu: u32) -> String {
     format!("GPU-{agent:08x}-0000-4000-8000-{gpu:012x}")
 }
 
-fn inventory(id: &NodeId, index: usize, gpus: u32) -> pb::Inventory {
+/// A distinct address per agent, which the gateway's upstream lists its replica by.
+fn sim_address(index: usize) -> String {
+    let i = index + 1;
+    format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
+}
+
+fn inventory(id: &NodeId, index: usize, gpus: u32, gateway: bool) -> pb::Inventory {
     pb::Inventory {
         hostname: id.to_string(),
         os: "Ubuntu 24.04 LTS".into(),
@@ -827,6 +1328,9 @@ fn inventory(id: &NodeId, index: usize, gpus: u32) -> pb::Inventory {
         cuda_version: "12.4".into(),
         agent_version: "fleet-sim".into(),
         gpu_source: "simulated".into(),
+        labels: HashMap::from([("address".to_owned(), sim_address(index))]),
+        containers: Some(pb::ContainerReport { listed_unix_ms: now_unix_ms(), ..Default::default() }),
+        gateway: gateway.then(|| pb::GatewayInfo { nginx_version: "nginx/1.22.1".into() }),
         ..Default::default()
     }
 }
@@ -1067,26 +1571,81 @@ mod tests {
         let key = CommandKey::generate();
         let me = NodeId::new("sim-0001").unwrap();
         let mut report = AgentReport::default();
+        let mut host = Host::new(false, 0, Arc::new(Tally::new(1)));
 
         let (id, noop) = signed(&key, "sim-0001", Command::Noop);
-        let ok = answer(noop.clone(), &me, &key.public(), &mut report);
+        let ok = answer(noop.clone(), &me, &key.public(), &mut report, &mut host);
         assert_eq!(ok.command_id, id.as_bytes().to_vec());
         assert_eq!(ok.status(), pb::CommandStatus::Succeeded);
         assert_eq!((ok.detail.as_str(), ok.output_json.as_str()), ("noop", r#"{"noop":true}"#));
-        assert_eq!(answer(noop, &me, &key.public(), &mut report), ok, "a resend gets the same result");
+        assert_eq!(answer(noop, &me, &key.public(), &mut report, &mut host), ok, "a resend gets the same result");
 
         let (id, other) = signed(&key, "sim-0002", Command::Noop);
-        let refused = answer(other, &me, &key.public(), &mut report);
+        let refused = answer(other, &me, &key.public(), &mut report, &mut host);
         assert_eq!(refused.status(), pb::CommandStatus::Refused);
         assert_eq!(refused.command_id, id.as_bytes().to_vec(), "the refusal reaches its sender");
         assert!(refused.detail.contains("targets node sim-0002"), "{}", refused.detail);
 
         let (_, forged) = signed(&CommandKey::generate(), "sim-0001", Command::Noop);
-        assert!(answer(forged, &me, &key.public(), &mut report).detail.contains("signature"));
+        assert!(answer(forged, &me, &key.public(), &mut report, &mut host).detail.contains("signature"));
 
         let (_, logs) = signed(&key, "sim-0001", Command::Logs { container: "c".into(), tail: 1 });
-        let failed = answer(logs, &me, &key.public(), &mut report);
+        let failed = answer(logs, &me, &key.public(), &mut report, &mut host);
         assert_eq!(failed.status(), pb::CommandStatus::Failed);
         assert_eq!((report.verified, report.verify_failures), (5, 2));
+        let (counts, resent) = host.tally.snapshot();
+        assert_eq!((counts[0][4], counts[0][5], resent), (1, 1, 1), "one noop, one other, one resend");
+    }
+
+    #[test]
+    fn deploys_run_until_drained_and_only_the_gateway_takes_weights() {
+        let key = CommandKey::generate();
+        let me = NodeId::new("sim-0001").unwrap();
+        let mut report = AgentReport::default();
+        let mut host = Host::new(false, 0, Arc::new(Tally::new(1)));
+        let mut run = |host: &mut Host, command: Command| {
+            let (_, c) = signed(&key, "sim-0001", command);
+            answer(c, &me, &key.public(), &mut report, host)
+        };
+
+        let spec = r#"{"name":"llama","revision":"2","image":"vllm/vllm-openai:v0.8.5","gpus":[0]}"#;
+        let started = run(&mut host, Command::Deploy { spec_yaml: spec.into() });
+        assert_eq!(started.status(), pb::CommandStatus::Succeeded, "{}", started.detail);
+        assert!(std::mem::take(&mut host.changed), "a deploy changes the container list");
+        let listed = host.report();
+        assert_eq!(listed.containers.len(), 1);
+        let c = &listed.containers[0];
+        assert_eq!((c.name.as_str(), c.state.as_str(), c.health.as_str()), ("llama-2", "running", ""));
+        assert_eq!((c.deployment.as_str(), c.revision.as_str()), ("llama", "2"));
+        assert!(flotilla_common::model::ContainerReport::try_from(listed).is_ok(), "the controller accepts it");
+        let ready: Vec<pb::Sample> = host.readiness().collect();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(
+            (ready[0].name.as_str(), ready[0].labels["endpoint"].as_str()),
+            ("flotilla_inference_ready", "llama-2")
+        );
+
+        let drain = Command::Drain {
+            container: "llama-2".into(),
+            endpoint: "http://10.0.0.1:18000".into(),
+            deadline_s: 30,
+            timeout_s: 30,
+        };
+        assert_eq!(run(&mut host, drain).status(), pb::CommandStatus::Succeeded);
+        assert!(host.changed);
+        assert_eq!(host.report().containers[0].state, "exited");
+        assert_eq!(host.readiness().count(), 0, "an exited container is not ready");
+        let missing = run(&mut host, Command::Stop { container: "nope".into(), timeout_s: 1 });
+        assert_eq!(missing.status(), pb::CommandStatus::Failed);
+
+        let weights = GatewayWeights::parse("llama", "10.0.0.1:18000=1,10.0.0.2:18000=1").unwrap();
+        let no_role = run(&mut host, Command::GatewaySet(weights.clone()));
+        assert_eq!(no_role.status(), pb::CommandStatus::Failed, "not a gateway");
+        host.gateway = true;
+        assert_eq!(run(&mut host, Command::GatewaySet(weights.clone())).status(), pb::CommandStatus::Succeeded);
+        let mut twice = weights;
+        twice.servers.push(twice.servers[0].clone());
+        let refused = run(&mut host, Command::GatewaySet(twice));
+        assert!(refused.detail.contains("listed twice"), "checked as the agent checks it: {}", refused.detail);
     }
 }
