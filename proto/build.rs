@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/flotilla/v1/alerts.proto",
         "proto/flotilla/v1/deploy.proto",
         "proto/flotilla/v1/capacity.proto",
+        "proto/flotilla/v1/enroll.proto",
         "proto/flotilla/v1/fleet.proto",
     ];
     for file in &files {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use flotilla_common::NodeId;
 use flotilla_common::config::{ConfigError, load_toml};
+use flotilla_common::enroll::{CaFingerprint, JoinToken};
 use flotilla_common::logging::LogFormat;
 use flotilla_common::tls::TlsFiles;
 use serde::Deserialize;
@@ -20,8 +21,18 @@ pub struct Config {
     /// This node's id. Defaults to the identity in the agent certificate; when set
     /// it must match it (the controller refuses a mismatch).
     pub node_id: Option<NodeId>,
-    /// The fleet CA and this agent's client certificate.
+    /// The fleet CA and this agent's client certificate. With `join_token` and no
+    /// certificate yet, enrollment writes all three (the key with mode 0600).
     pub tls: TlsFiles,
+    /// A join token (`flotctl token create`): used once, when `tls.cert` does not
+    /// exist, to enroll with the controller at `enroll_url`. Needs `node_id`.
+    /// Prefer the file or FLOTILLA_JOIN_TOKEN to the flag (`ps` shows flags).
+    pub join_token: Option<JoinToken>,
+    /// The fleet CA's SHA-256 (`sha256:HEX`), pinned for enrollment when the
+    /// token does not carry it; when both are given they must agree.
+    pub ca_fingerprint: Option<CaFingerprint>,
+    /// The controller's enrollment port, `https://host:port` (its `enroll_listen`).
+    pub enroll_url: Option<String>,
     /// Where the agent keeps its state (sequence counter).
     pub data_dir: PathBuf,
     /// How often telemetry is collected and sent.
@@ -101,6 +112,9 @@ impl Default for Config {
             controller: "https://localhost:7443".to_owned(),
             node_id: None,
             tls: TlsFiles { ca: pki.join("ca.pem"), cert: pki.join("agent.pem"), key: pki.join("agent.key") },
+            join_token: None,
+            ca_fingerprint: None,
+            enroll_url: None,
             data_dir: PathBuf::from("/var/lib/flotilla/agent"),
             interval: Duration::from_secs(5),
             heartbeat_interval: None,
@@ -151,6 +165,9 @@ pub struct Overrides {
     pub ack_log: Option<PathBuf>,
     pub command_key: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    pub join_token: Option<JoinToken>,
+    pub ca_fingerprint: Option<CaFingerprint>,
+    pub enroll_url: Option<String>,
 }
 
 impl Config {
@@ -172,6 +189,9 @@ impl Config {
         c.uplink.ack_log = o.ack_log.or(c.uplink.ack_log);
         c.command_key = o.command_key.or(c.command_key);
         c.log_format = o.log_format.unwrap_or(c.log_format);
+        c.join_token = o.join_token.or(c.join_token);
+        c.ca_fingerprint = o.ca_fingerprint.or(c.ca_fingerprint);
+        c.enroll_url = o.enroll_url.or(c.enroll_url);
         let origin = file.map_or_else(|| "agent config".to_owned(), |p| p.display().to_string());
         c.validate(&origin)?;
         Ok(c)
@@ -217,6 +237,30 @@ impl Config {
             && let Err(e) = gateway.validate()
         {
             return bad(e);
+        }
+        if let Some(token) = &self.join_token {
+            if self.node_id.is_none() {
+                return bad("join_token needs node_id: the enrolled certificate names it".to_owned());
+            }
+            if self.enroll_url.is_none() {
+                return bad(
+                    "join_token needs enroll_url: the controller's enrollment port, https://HOST:PORT".to_owned()
+                );
+            }
+            match (token.ca, self.ca_fingerprint) {
+                (None, None) => {
+                    return bad(
+                        "join_token carries no CA fingerprint: pass ca_fingerprint (sha256:HEX of the fleet CA)"
+                            .to_owned(),
+                    );
+                }
+                (Some(a), Some(b)) if a != b => {
+                    return bad(format!(
+                        "ca_fingerprint {b} differs from the one in join_token ({a}): which CA is the controller's?"
+                    ));
+                }
+                _ => {}
+            }
         }
         for key in self.labels.keys() {
             let ok = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -287,6 +331,38 @@ mod tests {
         let no_dir =
             section("").replace(&format!("upstreams_dir = \"{}\"", dir.path().display()), "upstreams_dir = \"/nope\"");
         assert!(load(no_dir).unwrap_err().contains("gateway.upstreams_dir"));
+    }
+
+    #[test]
+    fn a_join_token_needs_a_node_id_an_enrollment_url_and_one_ca_fingerprint() {
+        use flotilla_common::enroll::{CaFingerprint, JoinSecret, JoinToken};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        let pin = CaFingerprint::of_der(b"ca");
+        let token = JoinToken { secret: JoinSecret::generate(), ca: Some(pin) };
+        let load = |text: String| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path), Overrides::default()).map_err(|e| e.to_string())
+        };
+        let t = token.reveal();
+        let ok = load(format!("node_id = \"gpu-7\"\nenroll_url = \"https://c:7444\"\njoin_token = \"{t}\"\n")).unwrap();
+        assert_eq!(ok.join_token, Some(token.clone()));
+        assert!(
+            load(format!("enroll_url = \"https://c:7444\"\njoin_token = \"{t}\"\n")).unwrap_err().contains("node_id")
+        );
+        assert!(load(format!("node_id = \"gpu-7\"\njoin_token = \"{t}\"\n")).unwrap_err().contains("enroll_url"));
+        let other = CaFingerprint::of_der(b"other");
+        let err = load(format!(
+            "node_id = \"gpu-7\"\nenroll_url = \"https://c:7444\"\njoin_token = \"{t}\"\nca_fingerprint = \"{other}\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("differs"), "{err}");
+        let bare = JoinToken { ca: None, ..token }.reveal();
+        let err = load(format!("node_id = \"gpu-7\"\nenroll_url = \"https://c:7444\"\njoin_token = \"{bare}\"\n"))
+            .unwrap_err();
+        assert!(err.contains("ca_fingerprint"), "{err}");
+        let err = load("join_token = \"flt1.nope\"\n".to_owned()).unwrap_err();
+        assert!(err.contains("a.toml:1") && err.contains("64 hex digits"), "{err}");
     }
 
     #[test]

@@ -50,4 +50,4 @@ pub use endpoint::{DEFAULT_TIMEOUT, InferenceEndpoint, MAX_TIMEOUT};
 pub use engine::Engine;
 pub use error::InferenceError;
 pub use managed::{ManagedServer, ManagedServers};
-pub use scrape::{EndpointReport, InferenceCollector, InferenceRound, MAX_METRICS_BYTES};
+pub use scrape::{EndpointReport, InferenceCollector, InferenceRound, MAX_METRICS_BYTES, decode_metrics_page};

@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod collector;
 pub mod config;
 pub mod containers;
+pub mod enroll;
 pub mod executor;
 pub mod gateway;
 pub mod gpu;
@@ -57,10 +58,17 @@ pub enum AgentError {
     Inference(#[from] inference::InferenceError),
     #[error("gateway: {0}")]
     Gateway(#[from] gateway::GatewayError),
+    #[error("enrollment: {0}")]
+    Enroll(#[from] enroll::EnrollError),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    enroll::finish_interrupted_swap(&config.tls);
+    enroll::enroll_if_needed(&mut config).await?;
+    if let Some(enrolled) = enroll::Enrolled::load(&config.data_dir) {
+        enrolled.apply(&mut config);
+    }
     let cert_node = match config.tls.identity()? {
         Identity::Node(id) => id,
         other => {
@@ -70,6 +78,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             });
         }
     };
+    // Renewal asks for the certificate's own identity: the controller signs no other.
+    let cert_node_for_renewal = cert_node.clone();
     let node = match &config.node_id {
         Some(configured) if *configured != cert_node => {
             tracing::warn!(configured = %configured, certificate = %cert_node, "node_id differs from the certificate identity; the controller will refuse this agent");
@@ -153,7 +163,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         uplink::Durable { seq, buffer, buffered, gate, host: command_host },
     )
     .map_err(AgentError::AckLog)?
-    .with_simulation(simulation);
+    .with_simulation(simulation)
+    .with_renewal(enroll::Renewal::new(config.tls.clone(), config.controller.clone(), cert_node_for_renewal));
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel(1024);
     let inference =

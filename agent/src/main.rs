@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use flotilla_agent::config::{Config, GpuSourceChoice, Overrides};
 use flotilla_common::NodeId;
+use flotilla_common::enroll::{CaFingerprint, JoinToken};
 use flotilla_common::logging::LogFormat;
 
 /// The Flotilla agent: streams GPU and host telemetry to the controller over mTLS gRPC.
@@ -52,6 +53,16 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// Join token (flotctl token create): enroll when --cert does not exist yet.
+    /// Prefer FLOTILLA_JOIN_TOKEN or the config file: other users can read flags.
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<JoinToken>,
+    /// The fleet CA's SHA-256 to pin while enrolling (sha256:HEX), when the token does not carry it.
+    #[arg(long, env = "FLOTILLA_CA_FINGERPRINT")]
+    ca_fingerprint: Option<CaFingerprint>,
+    /// The controller's enrollment port, https://HOST:PORT (its enroll_listen).
+    #[arg(long, env = "FLOTILLA_ENROLL_URL")]
+    enroll_url: Option<String>,
 }
 
 fn parse_gpu_source(s: &str) -> Result<GpuSourceChoice, String> {
@@ -79,6 +90,9 @@ fn main() -> ExitCode {
         ack_log: args.ack_log,
         command_key: args.command_key,
         log_format: args.log_format,
+        join_token: args.join_token,
+        ca_fingerprint: args.ca_fingerprint,
+        enroll_url: args.enroll_url,
     };
     flotilla_common::daemon::main(
         "flotilla-agent",

@@ -6,7 +6,8 @@
 //!   [`ContainerSpec::validate`] checks it against this host's GPUs and returns a
 //!   [`ValidatedSpec`], the only thing [`Runtime::deploy`] accepts, so nothing
 //!   reaches the engine unchecked;
-//! - `image_ref`: the image reference grammar `validate` applies;
+//! - `flotilla_common::command::image_ref`: the image reference grammar `validate`
+//!   applies (shared with the controller's deployment specs);
 //! - `render`: a validated spec as the engine's create request (pure, unit-tested);
 //! - [`Runtime`]: the operations the command executor needs, as a trait so the
 //!   executor can be tested with a fake (`fake::FakeRuntime`, test builds only);
@@ -62,7 +63,6 @@ mod docker;
 mod error;
 #[cfg(test)]
 pub mod fake;
-mod image_ref;
 mod info;
 mod names;
 mod render;

@@ -85,6 +85,8 @@ pub struct Uplink {
     /// The container report last sent to the controller (kept across links,
     /// so that a runtime going away or coming back is logged once).
     reported: Option<ContainerReport>,
+    /// Certificate renewal over the stream, when enabled.
+    renewal: Option<crate::enroll::Renewal>,
 }
 
 /// The command path of the uplink.
@@ -143,6 +145,7 @@ impl Uplink {
                 Commands { gate: durable.gate, host: durable.host, results_tx, results_rx, unsent: VecDeque::new() }
             },
             reported: None,
+            renewal: None,
         })
     }
 
@@ -150,6 +153,43 @@ impl Uplink {
     pub fn with_simulation(mut self, handle: Option<crate::gpu::simulated::SimHandle>) -> Self {
         self.simulation = handle;
         self
+    }
+
+    /// Renews the agent's certificate over the stream when it is due.
+    pub fn with_renewal(mut self, renewal: crate::enroll::Renewal) -> Self {
+        self.renewal = Some(renewal);
+        self
+    }
+
+    /// Sends a renewal request on the live stream.
+    async fn request_renewal(&mut self, link: &Link) -> Result<(), String> {
+        let Some(renewal) = self.renewal.as_mut() else { return Ok(()) };
+        match renewal.request() {
+            Ok(csr_der) => {
+                tracing::info!("certificate two thirds through its life; asking the controller to renew it");
+                let msg = pb::AgentMessage { body: Some(Up::Renew(pb::RenewRequest { csr_der })) };
+                self.send_msg(link, msg).await
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot make a renewal request; retrying later");
+                Ok(())
+            }
+        }
+    }
+
+    /// Installs a renewed certificate: the stream goes on with the old one, the
+    /// next connection uses the new one.
+    fn on_renewed(&mut self, answer: &pb::RenewResponse) {
+        let Some(renewal) = self.renewal.as_mut() else { return };
+        match renewal.answer(&answer.certificate_pem, &answer.error) {
+            crate::enroll::renew::Renewed::Done { endpoint, not_after_unix_ms } => {
+                self.endpoint = *endpoint;
+                tracing::info!(not_after_unix_ms, "certificate renewed; the next connection uses it");
+            }
+            crate::enroll::renew::Renewed::Failed(reason) => {
+                tracing::warn!(%reason, "certificate renewal failed; retrying later");
+            }
+        }
     }
 
     /// Applies a `SimInject` from the controller.
@@ -365,10 +405,17 @@ impl Uplink {
             crate::containers::LIST_TIMEOUT,
         );
         loop {
+            // Without renewal the arm below is disabled; the instant is never reached.
+            let renew_due = self.renewal.as_ref().map(crate::enroll::Renewal::due);
             tokio::select! {
                 () = cancel.cancelled() => {
                     self.drain_acks(&mut link).await;
                     return LinkEnd::Shutdown;
+                }
+                () = tokio::time::sleep_until(renew_due.unwrap_or_else(Instant::now)), if renew_due.is_some() => {
+                    if let Err(reason) = self.request_renewal(&link).await {
+                        return LinkEnd::Broken(reason);
+                    }
                 }
                 Some(outcome) = self.commands.results_rx.recv() => {
                     if let Err(reason) = self.send_result(&link, &outcome).await {
@@ -393,6 +440,7 @@ impl Uplink {
                 msg = link.inbound.message() => match msg {
                     Ok(Some(pb::ControllerMessage { body: Some(Down::Ack(ack)) })) => self.on_ack(&ack.seqs),
                     Ok(Some(pb::ControllerMessage { body: Some(Down::SimInject(inject)) })) => self.on_sim_inject(&inject),
+                    Ok(Some(pb::ControllerMessage { body: Some(Down::Renewed(answer)) })) => self.on_renewed(&answer),
                     Ok(Some(pb::ControllerMessage { body: Some(Down::Command(signed)) })) => {
                         if let Err(reason) = self.on_command(&link, signed).await {
                             return LinkEnd::Broken(reason);

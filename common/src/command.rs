@@ -3,6 +3,7 @@
 //! that a bad argument is refused, with its name, before anything is signed.
 
 pub mod gateway;
+pub mod image_ref;
 
 use std::collections::HashMap;
 

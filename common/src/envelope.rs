@@ -305,16 +305,20 @@ impl PinnedKey {
         if envelope.target != *me {
             return Err(Refusal::WrongTarget { target: envelope.target.to_string(), me: me.to_string() });
         }
+        // Saturating: the times are whatever was signed, and i64 arithmetic at
+        // their ends must refuse, not overflow (fuzzing found the panic).
         let skew = CLOCK_SKEW.as_millis() as i64;
-        let ttl = envelope.expires_at_unix_ms - envelope.issued_at_unix_ms;
+        let ttl = envelope.expires_at_unix_ms.saturating_sub(envelope.issued_at_unix_ms);
         if ttl <= 0 || ttl > MAX_TTL.as_millis() as i64 {
             return Err(Refusal::TtlTooLong { ttl_ms: ttl, max_ms: MAX_TTL.as_millis() as i64 });
         }
-        if now_unix_ms > envelope.expires_at_unix_ms + skew {
-            return Err(Refusal::Expired { late_ms: now_unix_ms - envelope.expires_at_unix_ms, skew_ms: skew });
+        if now_unix_ms > envelope.expires_at_unix_ms.saturating_add(skew) {
+            let late_ms = now_unix_ms.saturating_sub(envelope.expires_at_unix_ms);
+            return Err(Refusal::Expired { late_ms, skew_ms: skew });
         }
-        if envelope.issued_at_unix_ms > now_unix_ms + skew {
-            return Err(Refusal::IssuedInFuture { ahead_ms: envelope.issued_at_unix_ms - now_unix_ms, skew_ms: skew });
+        if envelope.issued_at_unix_ms > now_unix_ms.saturating_add(skew) {
+            let ahead_ms = envelope.issued_at_unix_ms.saturating_sub(now_unix_ms);
+            return Err(Refusal::IssuedInFuture { ahead_ms, skew_ms: skew });
         }
         if seen(&envelope.id) {
             return Err(Refusal::Replayed(envelope.id));
@@ -364,6 +368,35 @@ mod tests {
         let unsigned = SignedEnvelope { bytes: good.bytes.clone(), signature: Vec::new() };
         assert_eq!(check(&key.public(), &unsigned, NOW), Err(Refusal::BadSignature));
         assert_eq!(check(&CommandKey::generate().public(), &good, NOW), Err(Refusal::BadSignature), "another key");
+    }
+
+    #[test]
+    fn validity_times_at_the_ends_of_i64_are_refused_without_overflow() {
+        let key = CommandKey::generate();
+        let pinned = key.public();
+        let at = |issued: i64, expires: i64| {
+            let envelope = Envelope {
+                version: ENVELOPE_VERSION,
+                id: CommandId::new(),
+                target: node("gpu-1"),
+                issued_at_unix_ms: issued,
+                expires_at_unix_ms: expires,
+                key_id: key.key_id().to_owned(),
+                payload: "noop".to_owned(),
+            };
+            key.sign_envelope(&envelope).unwrap()
+        };
+        for (issued, expires, now) in [
+            (i64::MIN, i64::MAX, NOW),
+            (1, i64::MIN, NOW),
+            (i64::MAX, i64::MIN, NOW),
+            (i64::MAX - 1_000, i64::MAX, NOW),
+            (i64::MIN, i64::MIN + 1_000, NOW),
+            (NOW, NOW + 1_000, i64::MAX),
+            (NOW, NOW + 1_000, i64::MIN),
+        ] {
+            assert!(check(&pinned, &at(issued, expires), now).is_err(), "{issued}..{expires} at {now}");
+        }
     }
 
     #[test]

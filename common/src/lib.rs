@@ -1,13 +1,14 @@
 //! Code that the agent, the controller and flotctl really share, and nothing else:
 //! the domain model of telemetry and inventory, identifiers, certificate identities
-//! and the fleet PKI, TLS configuration, config-file loading, logging setup and the
-//! shutdown signal.
+//! and the fleet PKI (with the join-token format of enrollment), TLS configuration,
+//! config-file loading, logging setup and the shutdown signal.
 
 pub mod capacity;
 pub mod client;
 pub mod command;
 pub mod config;
 pub mod daemon;
+pub mod enroll;
 pub mod envelope;
 pub mod identity;
 pub mod ids;

@@ -278,6 +278,8 @@ pub enum NodeState {
     Draining,
     /// No heartbeat within the allowed window, or disconnected.
     Down,
+    /// Revoked by an admin: the controller refuses its streams.
+    Revoked,
 }
 
 impl NodeState {
@@ -289,6 +291,7 @@ impl NodeState {
             Self::Cordoned => "cordoned",
             Self::Draining => "draining",
             Self::Down => "down",
+            Self::Revoked => "revoked",
         }
     }
 }

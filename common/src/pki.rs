@@ -10,6 +10,9 @@
 //! operators/<name>.pem  .key         operator certificates: `admin` (role admin) from
 //!                                    `ca init`, others from `flotctl cert issue --user`
 //! ```
+//!
+//! Agents that enroll with a join token get their certificate another way: the
+//! controller, given `tls.ca_key`, signs their request ([`Authority`]).
 
 use std::fs;
 use std::io::Write;
@@ -23,6 +26,10 @@ use rcgen::{
 use time::OffsetDateTime;
 
 use crate::identity::Identity;
+
+mod authority;
+
+pub use authority::{Authority, KeyAndRequest, MAX_CSR_BYTES, Signed, Validity};
 
 /// Validity of the fleet CA.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -60,6 +67,10 @@ pub enum PkiError {
     },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("certificate request refused: {0}")]
+    BadCsr(String),
+    #[error("{key} is not the key of {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
 }
 
 /// Paths of one certificate and its key.
@@ -185,10 +196,21 @@ fn issue_with(
     dir: &Path,
     issuer: &Issuer<'_, KeyPair>,
     identity: &Identity,
-    mut sans: Vec<SanType>,
+    sans: Vec<SanType>,
     validity: Duration,
 ) -> Result<CertPaths, PkiError> {
     let key = KeyPair::generate()?;
+    let cert = leaf_params(identity, sans, validity)?.signed_by(&key, issuer)?;
+
+    let paths = leaf_paths(dir, identity);
+    write_file(dir, &paths.cert, cert.pem().as_bytes(), Secret::No)?;
+    write_file(dir, &paths.key, key.serialize_pem().as_bytes(), Secret::Yes)?;
+    Ok(paths)
+}
+
+/// The parameters of a leaf certificate for `identity`: its one identity URI,
+/// server or client use (never both, never a CA), a fresh serial.
+fn leaf_params(identity: &Identity, mut sans: Vec<SanType>, validity: Duration) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     let common_name = match identity {
@@ -208,12 +230,7 @@ fn issue_with(
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
     set_validity(&mut params, validity);
-    let cert = params.signed_by(&key, issuer)?;
-
-    let paths = leaf_paths(dir, identity);
-    write_file(dir, &paths.cert, cert.pem().as_bytes(), Secret::No)?;
-    write_file(dir, &paths.key, key.serialize_pem().as_bytes(), Secret::Yes)?;
-    Ok(paths)
+    Ok(params)
 }
 
 fn parse_san(name: &str) -> Result<SanType, PkiError> {
@@ -226,9 +243,12 @@ fn parse_san(name: &str) -> Result<SanType, PkiError> {
         .map_err(|source| PkiError::BadSan { name: name.to_owned(), source })
 }
 
+/// Sets `not_before` a little in the past (a tenth of the validity, at most
+/// [`CLOCK_SKEW`]: a certificate of 30 s must not be mostly backdating) and
+/// `not_after` `validity` from now.
 fn set_validity(params: &mut CertificateParams, validity: Duration) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - CLOCK_SKEW;
+    params.not_before = now - CLOCK_SKEW.min(validity / 10);
     params.not_after = now + validity;
 }
 
@@ -241,6 +261,15 @@ fn random_serial() -> SerialNumber {
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     write_file(dir, path, bytes, Secret::Yes).map_err(|e| match e {
+        PkiError::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    })
+}
+
+/// Writes a public file (a certificate) atomically with mode 0644.
+pub fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    write_file(dir, path, bytes, Secret::No).map_err(|e| match e {
         PkiError::Io { source, .. } => source,
         other => std::io::Error::other(other.to_string()),
     })
@@ -263,8 +292,15 @@ fn write_file(dir: &Path, path: &Path, bytes: &[u8], secret: Secret) -> Result<(
     let parent = path.parent().unwrap_or(dir);
     fs::create_dir_all(parent).map_err(io)?;
     let tmp = path.with_extension("tmp");
+    // A stale temporary file keeps its old mode when reopened: start afresh so
+    // that a key is never written into a file others can read.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
     let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -309,5 +345,11 @@ mod tests {
         let files = init_ca(dir.path(), &CaInit::default()).unwrap();
         let mode = fs::metadata(&files.admin.key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // A stale, world-readable temporary file does not lend its mode to a key.
+        let key = dir.path().join("node.key");
+        fs::write(key.with_extension("tmp"), b"stale").unwrap();
+        fs::set_permissions(key.with_extension("tmp"), fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&key, b"secret").unwrap();
+        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -158,9 +158,10 @@ pub fn explain_handshake_error(error: &std::io::Error) -> String {
     let text = error.to_string();
     let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
         "the peer's certificate was not issued by this fleet's CA"
-    } else if text.contains("Expired") {
+    } else if text.contains("Expired") || text.contains("certificate expired") {
+        // rustls words it both ways: `Expired`, and with its times, "certificate expired: ...".
         "the peer's certificate has expired; issue a new one"
-    } else if text.contains("NotValidYet") {
+    } else if text.contains("NotValidYet") || text.contains("not valid yet") {
         "the peer's certificate is not valid yet; check the clocks"
     } else if text.contains("peer sent no certificates") || text.contains("NoCertificatesPresented") {
         "the peer presented no client certificate; every Flotilla port requires mTLS"
@@ -175,4 +176,24 @@ pub fn explain_handshake_error(error: &std::io::Error) -> String {
         "TLS handshake failed"
     };
     format!("{hint}: {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_and_not_yet_valid_certificates_are_explained() {
+        use rustls::pki_types::UnixTime;
+        let at = |secs| UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+        for (error, words) in [
+            (rustls::CertificateError::ExpiredContext { time: at(2_000), not_after: at(1_000) }, "has expired"),
+            (rustls::CertificateError::Expired, "has expired"),
+            (rustls::CertificateError::NotValidYetContext { time: at(1_000), not_before: at(2_000) }, "not valid yet"),
+        ] {
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(error));
+            let explained = explain_handshake_error(&io);
+            assert!(explained.contains(words), "{explained}");
+        }
+    }
 }

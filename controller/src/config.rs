@@ -18,12 +18,17 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the HTTPS (mTLS) endpoint with `/metrics`, `/healthz` and `/readyz`; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// Address of the enrollment port: TLS with server authentication only,
+    /// serving only `flotilla.v1.Enrollment` (agents with a join token and no
+    /// certificate yet). Off when unset; needs `tls.ca_key`.
+    pub enroll_listen: Option<SocketAddr>,
     /// Where the sled store lives.
     pub data_dir: PathBuf,
     /// sled's page cache in bytes: most of a busy controller's memory (default 1 GiB).
     pub store_cache_bytes: u64,
-    /// The fleet CA and the controller's server certificate.
-    pub tls: TlsFiles,
+    /// The fleet CA and the controller's server certificate (and, for
+    /// enrollment and renewal, the CA key).
+    pub tls: ControllerTls,
     /// Log output format.
     pub log_format: LogFormat,
     pub agents: AgentPolicy,
@@ -46,6 +51,48 @@ pub struct AgentPolicy {
     pub min_heartbeat_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub max_heartbeat_interval: Duration,
+    /// Validity of the certificates the controller signs for agents (enrollment
+    /// and renewal); agents renew two thirds into it.
+    #[serde(with = "humantime_serde")]
+    pub cert_ttl: Duration,
+}
+
+/// The controller's TLS files: [`TlsFiles`] plus the CA key, which only the
+/// controller may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerTls {
+    /// The fleet CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The controller's server certificate (PEM).
+    pub cert: PathBuf,
+    /// The controller's private key (PEM).
+    pub key: PathBuf,
+    /// The fleet CA's private key (`ca.key` of `flotctl ca init`). With it the
+    /// controller signs the certificates of enrolling and renewing agents;
+    /// without it enrollment is off and renewals are refused.
+    pub ca_key: Option<PathBuf>,
+}
+
+impl Default for ControllerTls {
+    /// What `flotctl ca init --dir /etc/flotilla/pki` writes; no CA key.
+    fn default() -> Self {
+        let pki = Path::new("/etc/flotilla/pki");
+        Self { ca: pki.join("ca.pem"), cert: pki.join("controller.pem"), key: pki.join("controller.key"), ca_key: None }
+    }
+}
+
+impl ControllerTls {
+    /// The CA, certificate and key, as the TLS helpers take them.
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
+}
+
+impl From<TlsFiles> for ControllerTls {
+    fn from(files: TlsFiles) -> Self {
+        Self { ca: files.ca, cert: files.cert, key: files.key, ca_key: None }
+    }
 }
 
 /// Telemetry storage.
@@ -76,17 +123,33 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; more wait in the accept queue.
     pub max_concurrent_handshakes: usize,
+    /// Sustained requests per second one client (one certificate identity) may make.
+    pub requests_per_second_per_client: f64,
+    /// Requests one client may make at once above its sustained rate.
+    pub burst_per_client: u32,
+    /// Requests being handled at once across all clients; more are refused at once
+    /// (RESOURCE_EXHAUSTED), not queued. A stream holds its slot only until its
+    /// response starts.
+    pub max_concurrent_requests: usize,
+    /// Longest a request may take until its response starts (a unary call's whole
+    /// life); streams are not cut once they run.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// HTTP/2 streams (calls) open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Largest HTTP/2 header block (gRPC metadata) a request may carry, in bytes.
+    pub max_header_list_bytes: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        let pki = Path::new("/etc/flotilla/pki");
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             metrics_listen: None,
+            enroll_listen: None,
             data_dir: PathBuf::from("/var/lib/flotilla/controller"),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
-            tls: TlsFiles { ca: pki.join("ca.pem"), cert: pki.join("controller.pem"), key: pki.join("controller.key") },
+            tls: ControllerTls::default(),
             log_format: LogFormat::Text,
             agents: AgentPolicy::default(),
             telemetry: TelemetryPolicy::default(),
@@ -103,6 +166,7 @@ impl Default for AgentPolicy {
             hello_timeout: Duration::from_secs(10),
             min_heartbeat_interval: Duration::from_millis(100),
             max_heartbeat_interval: Duration::from_secs(60),
+            cert_ttl: Duration::from_secs(72 * 3600),
         }
     }
 }
@@ -124,7 +188,41 @@ impl Default for Limits {
             max_message_bytes: 4 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             max_concurrent_handshakes: 256,
+            requests_per_second_per_client: 50.0,
+            burst_per_client: 100,
+            max_concurrent_requests: 1024,
+            // Above the longest command wait: a drain (deadline up to 60 min, then a
+            // stop of up to 10 min, plus the envelope's life), 71 min.
+            request_timeout: Duration::from_secs(75 * 60),
+            max_concurrent_streams: 256,
+            max_header_list_bytes: 16 * 1024,
         }
+    }
+}
+
+impl Limits {
+    /// Checks the request limits (the connection limits are checked by [`Config::validate`]).
+    fn validate(&self) -> Result<(), String> {
+        let rate = self.requests_per_second_per_client;
+        if !rate.is_finite() || rate <= 0.0 {
+            return Err(format!("limits.requests_per_second_per_client must be above 0 (got {rate})"));
+        }
+        if self.burst_per_client == 0 {
+            return Err("limits.burst_per_client must be at least 1".to_owned());
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err("limits.max_concurrent_requests must be at least 1".to_owned());
+        }
+        if self.request_timeout < Duration::from_secs(1) {
+            return Err("limits.request_timeout must be at least 1s".to_owned());
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("limits.max_concurrent_streams must be at least 1".to_owned());
+        }
+        if self.max_header_list_bytes < 1024 {
+            return Err("limits.max_header_list_bytes must be at least 1024".to_owned());
+        }
+        Ok(())
     }
 }
 
@@ -137,6 +235,8 @@ pub struct Overrides {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub enroll_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
     pub rules: Option<PathBuf>,
 }
@@ -148,7 +248,10 @@ impl Config {
             Some(path) => load_toml(path)?,
             None => Config::default(),
         };
-        let Overrides { listen, metrics_listen, data_dir, ca, cert, key, log_format, rules } = overrides;
+        let Overrides { listen, metrics_listen, data_dir, ca, cert, key, ca_key, enroll_listen, log_format, rules } =
+            overrides;
+        config.tls.ca_key = ca_key.or(config.tls.ca_key);
+        config.enroll_listen = enroll_listen.or(config.enroll_listen);
         config.alerting.rules = rules.or(config.alerting.rules);
         config.metrics_listen = metrics_listen.or(config.metrics_listen);
         config.listen = listen.unwrap_or(config.listen);
@@ -189,6 +292,18 @@ impl Config {
         if self.limits.max_concurrent_handshakes == 0 {
             return bad("limits.max_concurrent_handshakes must be at least 1");
         }
+        if let Err(message) = self.limits.validate() {
+            return bad(&message);
+        }
+        if self.enroll_listen.is_some() && self.tls.ca_key.is_none() {
+            return bad(
+                "enroll_listen needs tls.ca_key: the controller signs enrolling agents' certificates with the CA key",
+            );
+        }
+        if self.agents.cert_ttl < Duration::from_secs(10) || self.agents.cert_ttl > Duration::from_secs(366 * 24 * 3600)
+        {
+            return bad("agents.cert_ttl must be within 10s..366days");
+        }
         if let Err(message) = self.alerting.validate() {
             return bad(&message);
         }
@@ -208,6 +323,13 @@ mod tests {
         let defaults = TelemetryPolicy::default();
         assert_eq!(config.telemetry.retention, defaults.retention, "the example shows the defaults");
         assert_eq!(config.telemetry.rollup_retention, defaults.rollup_retention);
+        let limits = Limits::default();
+        assert_eq!(config.limits.requests_per_second_per_client, limits.requests_per_second_per_client);
+        assert_eq!(config.limits.burst_per_client, limits.burst_per_client);
+        assert_eq!(config.limits.max_concurrent_requests, limits.max_concurrent_requests);
+        assert_eq!(config.limits.request_timeout, limits.request_timeout);
+        assert_eq!(config.limits.max_concurrent_streams, limits.max_concurrent_streams);
+        assert_eq!(config.limits.max_header_list_bytes, limits.max_header_list_bytes);
     }
 
     #[test]
@@ -222,12 +344,47 @@ mod tests {
     }
 
     #[test]
+    fn request_limits_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        for (bad, key) in [
+            ("requests_per_second_per_client = 0.0", "requests_per_second_per_client"),
+            ("requests_per_second_per_client = nan", "requests_per_second_per_client"),
+            ("burst_per_client = 0", "burst_per_client"),
+            ("max_concurrent_requests = 0", "max_concurrent_requests"),
+            ("request_timeout = \"100ms\"", "request_timeout"),
+            ("max_concurrent_streams = 0", "max_concurrent_streams"),
+            ("max_header_list_bytes = 100", "max_header_list_bytes"),
+        ] {
+            std::fs::write(&path, format!("[limits]\n{bad}\n")).unwrap();
+            let err = Config::load(Some(&path), Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn flags_win_over_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "listen = \"127.0.0.1:1\"\n").unwrap();
         let o = Overrides { listen: Some("127.0.0.1:2".parse().unwrap()), ..Default::default() };
         assert_eq!(Config::load(Some(&path), o).unwrap().listen.port(), 2);
+    }
+
+    #[test]
+    fn enrollment_needs_the_ca_key_and_a_sane_certificate_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "enroll_listen = \"127.0.0.1:0\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("tls.ca_key"), "{err}");
+        std::fs::write(&path, "enroll_listen = \"127.0.0.1:0\"\n[tls]\nca_key = \"/pki/ca.key\"\n").unwrap();
+        let c = Config::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(c.tls.ca_key.as_deref(), Some(Path::new("/pki/ca.key")));
+        assert_eq!(c.tls.ca, ControllerTls::default().ca, "the other TLS paths keep their defaults");
+        assert_eq!(c.agents.cert_ttl, Duration::from_secs(72 * 3600));
+        std::fs::write(&path, "[agents]\ncert_ttl = \"1s\"\n").unwrap();
+        assert!(Config::load(Some(&path), Overrides::default()).unwrap_err().to_string().contains("cert_ttl"));
     }
 
     #[test]

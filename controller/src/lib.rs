@@ -12,6 +12,7 @@ pub mod auth;
 pub mod capacity;
 pub mod commands;
 pub mod config;
+pub mod enroll;
 pub mod exporter;
 pub mod fleetview;
 pub mod ingest;
@@ -83,8 +84,8 @@ impl Controller {
     /// Loads TLS material, opens the store and binds the port. Fails fast with a
     /// message naming the file or address at fault.
     pub async fn bind(config: Config) -> Result<Self, ControllerError> {
-        let tls = config.tls.server_config()?;
-        let metrics_tls = config.tls.http1_server_config()?;
+        let tls = config.tls.files().server_config()?;
+        let metrics_tls = config.tls.files().http1_server_config()?;
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .map_err(|source| ControllerError::DataDir { path: data_dir.display().to_string(), source })?;

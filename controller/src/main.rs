@@ -33,6 +33,12 @@ struct Args {
     /// Controller private key (PEM).
     #[arg(long, env = "FLOTILLA_KEY")]
     key: Option<PathBuf>,
+    /// Fleet CA private key (PEM): lets the controller sign enrolling and renewing agents' certificates.
+    #[arg(long, env = "FLOTILLA_CA_KEY")]
+    ca_key: Option<PathBuf>,
+    /// Address of the enrollment port (TLS, server authentication only; needs --ca-key).
+    #[arg(long, env = "FLOTILLA_ENROLL_LISTEN")]
+    enroll_listen: Option<SocketAddr>,
     /// Alert rule file (Prometheus rule-group YAML, e.g. deploy/rules/default.yml).
     #[arg(long, env = "FLOTILLA_RULES")]
     rules: Option<PathBuf>,
@@ -51,6 +57,8 @@ fn main() -> ExitCode {
         ca: args.ca,
         cert: args.cert,
         key: args.key,
+        ca_key: args.ca_key,
+        enroll_listen: args.enroll_listen,
         log_format: args.log_format,
         rules: args.rules,
     };

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub alerts_pending: IntGauge,
     pub alert_window_series: IntGauge,
     pub alert_window_samples: IntGauge,
+    pub requests_rate_limited: IntCounter,
+    pub requests_shed: IntCounter,
+    pub requests_timed_out: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +104,18 @@ impl Metrics {
             alert_window_samples: gauge(
                 "flotilla_controller_alert_window_samples",
                 "Samples kept in memory for rule evaluation.",
+            )?,
+            requests_rate_limited: counter(
+                "flotilla_controller_requests_rate_limited_total",
+                "gRPC requests refused because their client was over limits.requests_per_second_per_client.",
+            )?,
+            requests_shed: counter(
+                "flotilla_controller_requests_shed_total",
+                "gRPC requests refused because limits.max_concurrent_requests were in progress.",
+            )?,
+            requests_timed_out: counter(
+                "flotilla_controller_requests_timed_out_total",
+                "gRPC requests cut off after limits.request_timeout.",
             )?,
             registry,
         })

@@ -1,5 +1,6 @@
 //! Live agent sessions: who is connected, since when, and when we last heard
-//! from them. Node state is derived from this and the store, never stored twice.
+//! from them, and which nodes may never connect again (revoked). Node state is
+//! derived from this and the store, never stored twice.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use flotilla_common::NodeId;
 use flotilla_common::model::{NodeState, TelemetryBatch};
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +22,9 @@ pub struct Session {
     pub connected_at: Instant,
     pub last_heard: Instant,
     pub heartbeat_interval: Duration,
-    /// Cancelled to close the stream (replaced, timed out, shutting down).
+    /// The serial number (hex) of the client certificate the stream came with.
+    pub cert_serial: Option<String>,
+    /// Cancelled to close the stream (replaced, timed out, revoked, shutting down).
     pub cancel: CancellationToken,
     /// Messages for the agent, sent down its stream.
     pub downlink: tokio::sync::mpsc::Sender<Downlink>,
@@ -35,7 +39,28 @@ pub enum Downlink {
     Command(flotilla_common::envelope::SignedEnvelope),
 }
 
-/// The registry of live sessions; cheap to clone.
+/// Why a node may no longer connect: who revoked it, when and why. Stored as
+/// postcard (fields by position), so every field is always written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub node: NodeId,
+    pub at_unix_ms: i64,
+    /// The identity of the admin who revoked it, as the audit log names it.
+    pub by: String,
+    pub reason: String,
+    /// Serial numbers (hex) of the certificates the node was seen with, when known.
+    pub serials: Vec<String>,
+}
+
+impl std::fmt::Display for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = u64::try_from(self.at_unix_ms).unwrap_or(0);
+        let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at));
+        write!(f, "node {} was revoked at {at} by {}: {}", self.node, self.by, self.reason)
+    }
+}
+
+/// The registry of live sessions and revoked nodes; cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     inner: Arc<Mutex<Inner>>,
@@ -45,6 +70,8 @@ pub struct Registry {
 struct Inner {
     next_id: u64,
     sessions: HashMap<NodeId, Session>,
+    /// Held in memory (loaded at start) so the check on every connect is a lookup.
+    revoked: HashMap<NodeId, Revocation>,
 }
 
 impl Registry {
@@ -54,16 +81,30 @@ impl Registry {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A registry that already knows the stored revocations.
+    pub fn with_revocations(revoked: impl IntoIterator<Item = Revocation>) -> Self {
+        let registry = Self::default();
+        registry.lock().revoked = revoked.into_iter().map(|r| (r.node.clone(), r)).collect();
+        registry
+    }
+
     /// Registers a new session for `node`, closing the one it replaces, if any.
+    /// A revoked node gets no session: its revocation is returned instead. The
+    /// check and the insert share one lock with [`Registry::revoke`], so a
+    /// revocation never misses a stream that was opening at the same time.
     pub fn open(
         &self,
         node: &NodeId,
         peer: Option<SocketAddr>,
+        cert_serial: Option<String>,
         heartbeat_interval: Duration,
         parent: &CancellationToken,
         downlink: tokio::sync::mpsc::Sender<Downlink>,
-    ) -> Session {
+    ) -> Result<Session, Revocation> {
         let mut inner = self.lock();
+        if let Some(revoked) = inner.revoked.get(node) {
+            return Err(revoked.clone());
+        }
         inner.next_id += 1;
         let now = Instant::now();
         let session = Session {
@@ -72,6 +113,7 @@ impl Registry {
             connected_at: now,
             last_heard: now,
             heartbeat_interval,
+            cert_serial,
             cancel: parent.child_token(),
             downlink,
         };
@@ -79,7 +121,26 @@ impl Registry {
             tracing::info!(node_id = %node, old_peer = ?old.peer, "agent reconnected; closing its previous stream");
             old.cancel.cancel();
         }
+        Ok(session)
+    }
+
+    /// Marks a node revoked and closes its live stream at once (the stream's own
+    /// task then removes the session). Returns the closed session, if there was one.
+    /// The caller has stored the revocation first.
+    pub fn revoke(&self, revocation: Revocation) -> Option<Session> {
+        let mut inner = self.lock();
+        let node = revocation.node.clone();
+        inner.revoked.insert(node.clone(), revocation);
+        let session = inner.sessions.get(&node).cloned();
+        if let Some(s) = &session {
+            s.cancel.cancel();
+        }
         session
+    }
+
+    /// Why `node` may not connect, if it was revoked.
+    pub fn revocation(&self, node: &NodeId) -> Option<Revocation> {
+        self.lock().revoked.get(node).cloned()
     }
 
     /// Notes that `node` was heard from on session `id`.
@@ -175,7 +236,7 @@ mod tests {
         let n = node("a");
         assert_eq!(node_state(None, None, Instant::now(), 3).0, NodeState::Down);
 
-        let s = reg.open(&n, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0);
+        let s = reg.open(&n, None, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0).unwrap();
         assert_eq!(node_state(Some(&s), None, Instant::now(), 3).0, NodeState::Up);
 
         let mut bad = TelemetryBatch::default();
@@ -200,12 +261,45 @@ mod tests {
         let reg = Registry::default();
         let root = CancellationToken::new();
         let n = node("a");
-        let old = reg.open(&n, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0);
-        let new = reg.open(&n, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0);
+        let old = reg.open(&n, None, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0).unwrap();
+        let new = reg.open(&n, None, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0).unwrap();
         assert!(old.cancel.is_cancelled());
         assert!(reg.close(&n, old.id).is_none(), "the old stream's cleanup must not remove the new session");
         assert_eq!(reg.session(&n).unwrap().id, new.id);
         assert!(reg.close(&n, new.id).is_some());
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn a_revoked_node_is_closed_and_cannot_open_again() {
+        let reg = Registry::default();
+        let root = CancellationToken::new();
+        let (n, other) = (node("a"), node("b"));
+        let live =
+            reg.open(&n, None, Some("0a".into()), Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0);
+        let live = live.unwrap();
+        let revocation = Revocation {
+            node: n.clone(),
+            at_unix_ms: 1_700_000_000_000,
+            by: "operator root (admin)".into(),
+            reason: "stolen".into(),
+            serials: vec!["0a".into()],
+        };
+        let closed = reg.revoke(revocation.clone()).expect("the live session is returned");
+        assert_eq!(closed.id, live.id);
+        assert!(live.cancel.is_cancelled(), "the stream is closed at once");
+        let refused = reg.open(&n, None, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0);
+        assert_eq!(refused.unwrap_err(), revocation);
+        assert_eq!(
+            revocation.to_string(),
+            "node a was revoked at 2023-11-14T22:13:20Z by operator root (admin): stolen"
+        );
+        assert!(reg.open(&other, None, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0).is_ok());
+
+        let restarted = Registry::with_revocations([revocation]);
+        assert!(restarted.revocation(&n).is_some());
+        assert!(
+            restarted.open(&n, None, None, Duration::from_secs(1), &root, tokio::sync::mpsc::channel(1).0).is_err()
+        );
     }
 }

@@ -19,6 +19,48 @@ pub enum SelectorError {
     Unsupported { selector: String, what: String },
 }
 
+/// Tokens a selector may have outside its braces before it is parsed at all. A
+/// plain selector has its name and the braces; a few more let the parser say
+/// what was found ("the aggregation sum"). `promql-parser` recurses per level of
+/// nesting, and so does dropping its tree: fuzzing overflowed a 2 MiB stack with
+/// 20 000 nested calls, and a long enough `x+x+...` does the same.
+const MAX_TOKENS_OUTSIDE_BRACES: usize = 64;
+
+/// Counts the tokens outside braces (names, numbers, brackets, operators; quoted
+/// strings skipped) and the deepest brace nesting of `text`.
+fn shape(text: &str) -> (usize, usize) {
+    let (mut tokens, mut braces, mut deepest) = (0usize, 0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' | '`' => {
+                // A string: skip to its end (backslash escapes, except in raw `...`).
+                while let Some(d) = chars.next() {
+                    if d == '\\' && c != '`' {
+                        chars.next();
+                    } else if d == c {
+                        break;
+                    }
+                }
+            }
+            '{' => {
+                braces += 1;
+                deepest = deepest.max(braces);
+            }
+            '}' => braces = braces.saturating_sub(1),
+            _ if braces > 0 || c.is_whitespace() => {}
+            _ if c.is_alphanumeric() || matches!(c, '_' | ':' | '.') => {
+                tokens += 1;
+                while chars.peek().is_some_and(|d| d.is_alphanumeric() || matches!(d, '_' | ':' | '.')) {
+                    chars.next();
+                }
+            }
+            _ => tokens += 1,
+        }
+    }
+    (tokens, deepest)
+}
+
 /// A parsed instant vector selector.
 #[derive(Debug, Clone)]
 pub struct Selector {
@@ -30,6 +72,12 @@ impl Selector {
     /// Parses `text`, refusing everything but a plain vector selector.
     pub fn parse(text: &str) -> Result<Self, SelectorError> {
         let unsupported = |what: &str| SelectorError::Unsupported { selector: text.to_owned(), what: what.to_owned() };
+        let (tokens, braces) = shape(text);
+        if tokens > MAX_TOKENS_OUTSIDE_BRACES || braces > 1 {
+            return Err(unsupported(&format!(
+                "{tokens} tokens outside braces and braces {braces} deep (a plain selector has a name and one pair)"
+            )));
+        }
         let expr = parser::parse(text)
             .map_err(|reason| SelectorError::Parse { selector: text.to_owned(), reason: reason.trim().to_owned() })?;
         let vs = match expr {
@@ -86,6 +134,32 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn deep_or_long_expressions_are_refused_before_parsing() {
+        // On a thread with a tokio worker's stack: each of these overflowed it in the parser.
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                for text in [
+                    format!("{}x{}", "sum(".repeat(20_000), ")".repeat(20_000)),
+                    vec!["x"; 100_000].join("+"),
+                    vec!["x"; 100_000].join(" and "),
+                    format!("{}x{}", "{".repeat(20_000), "}".repeat(20_000)),
+                ] {
+                    let err = Selector::parse(&text).unwrap_err().to_string();
+                    let tail: String = err.chars().rev().take(120).collect::<Vec<_>>().into_iter().rev().collect();
+                    assert!(err.contains("a plain selector has a name and one pair"), "{tail}");
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        // Long plain selectors and the parser's own refusals are unchanged.
+        let many = (0..500).map(|i| format!("l{i}=~\"a|b|(c)\"")).collect::<Vec<_>>().join(",");
+        assert!(Selector::parse(&format!("flotilla_x{{{many}}}")).is_ok());
+        assert!(Selector::parse("sum(x)").unwrap_err().to_string().contains("the aggregation sum"));
     }
 
     #[test]

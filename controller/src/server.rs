@@ -9,6 +9,8 @@ use flotilla_proto::pb::fleet_server::FleetServer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod limits;
+
 use crate::service::{Context, agent::AgentApi, fleet::FleetApi};
 use crate::{Controller, ControllerError, ingest, liveness, registry::Registry};
 
@@ -22,7 +24,14 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
     // `commit`, so that batches received before shutdown are still acknowledged.
     let work = shutdown.child_token();
     let commit = CancellationToken::new();
-    let registry = Registry::default();
+    // Revoked nodes are held in memory, so refusing one on connect is a lookup.
+    let registry = {
+        let store = store.clone();
+        let revoked = tokio::task::spawn_blocking(move || store.revocations())
+            .await
+            .map_err(|e| ControllerError::Startup(format!("loading revoked nodes: {e}")))??;
+        Registry::with_revocations(revoked)
+    };
     let metrics = crate::metrics::Metrics::new().map_err(|e| ControllerError::Startup(format!("self-metrics: {e}")))?;
     let view = {
         let store = store.clone();
@@ -81,7 +90,16 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
             .map_err(|e| ControllerError::Startup(format!("rollouts: {e}")))?
             .map_err(|e| ControllerError::Startup(format!("rollouts: {e}")))?
     };
+    // After the command key exists: enrolling agents are sent its public half.
+    let enrollment = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || crate::enroll::Enrollment::load(&config))
+            .await
+            .map_err(|e| ControllerError::Startup(format!("enrollment: {e}")))?
+            .map_err(|e| ControllerError::Startup(format!("enrollment: {e}")))?
+    };
     let ctx = Context {
+        enrollment: Arc::new(enrollment),
         commands,
         rollouts,
         store: store.clone(),
@@ -140,17 +158,23 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
         };
         tracker.spawn(crate::exporter::http::serve(listener, metrics_tls, exporter, work.clone(), tracker.clone()));
     }
+    // The enrollment port, when configured: its own listener, TLS without client certificates.
+    crate::service::enroll::serve_port(ctx.clone(), &tracker, metrics.handshakes_refused.clone()).await?;
     tracing::info!(%local_addr, %metrics_addr, data_dir = %config.data_dir.display(), "controller listening (mTLS)");
 
+    let limits = &config.limits;
     let served = tonic::transport::Server::builder()
-        // Why each setting: keepalives find dead peers behind NAT; the timeout
-        // bounds unary calls (a stream's response starts at once, so it is not cut);
-        // the stream cap stops one connection from hogging the server.
+        // Keepalives find dead peers behind NAT.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // Commands such as drain wait up to their own deadline (at most about an hour).
-        .timeout(Duration::from_secs(3900))
-        .max_concurrent_streams(Some(256))
+        // The stream cap stops one connection from hogging the server.
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        // Metadata is small; a huge header block only costs memory.
+        .http2_max_header_list_size(Some(limits.max_header_list_bytes))
+        // Rapid reset (CVE-2023-44487): a client resetting streams as fast as it opens them is cut off (h2's default, pinned).
+        .http2_max_pending_accept_reset_streams(Some(20))
+        // Rate limit, load shedding and the request timeout: see `limits::layers`.
+        .layer(limits::layers(limits, &metrics))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -159,7 +183,10 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(FleetServer::new(FleetApi::new(ctx)).max_decoding_message_size(max).max_encoding_message_size(max))
+        // Every Fleet call passes the per-role allow-list before its handler runs.
+        .add_service(crate::auth::FleetAuthorized::new(
+            FleetServer::new(FleetApi::new(ctx)).max_decoding_message_size(max).max_encoding_message_size(max),
+        ))
         .serve_with_incoming_shutdown(incoming, work.clone().cancelled_owned())
         .await;
 

@@ -2,6 +2,7 @@
 //! ctl client) touch `pb::*`; everything below works on domain types.
 
 pub mod agent;
+pub mod enroll;
 pub mod fleet;
 
 /// Shared state the services need, passed explicitly.
@@ -18,6 +19,8 @@ pub struct Context {
     pub tracker: tokio_util::task::TaskTracker,
     pub alerts: crate::alert::engine::Engine,
     pub rollouts: crate::rollout::Rollouts,
+    /// The CA key (when configured) and what enrolling agents are sent.
+    pub enrollment: std::sync::Arc<crate::enroll::Enrollment>,
 }
 
 impl std::fmt::Debug for Context {

@@ -144,6 +144,23 @@ pub trait Store: Send + Sync + 'static {
     fn deployments(&self) -> Result<Vec<crate::rollout::Deployment>, StoreError>;
     /// The rollouts of `deployment`, oldest first.
     fn rollouts(&self, deployment: &str) -> Result<Vec<crate::rollout::Rollout>, StoreError>;
+    /// Saves a node's revocation and flushes.
+    fn commit_revocation(&self, revocation: &crate::registry::Revocation) -> Result<(), StoreError>;
+    /// Every revoked node, by id.
+    fn revocations(&self) -> Result<Vec<crate::registry::Revocation>, StoreError>;
+    /// Saves a join token and flushes.
+    fn commit_join_token(&self, token: &crate::enroll::token::JoinTokenRecord) -> Result<(), StoreError>;
+    /// Every join token, by hash.
+    fn join_tokens(&self) -> Result<Vec<crate::enroll::token::JoinTokenRecord>, StoreError>;
+    /// Spends one use of the token whose secret hashes to `hash`, for `node`,
+    /// atomically (see [`crate::enroll::token::spend`]), and flushes; the inner
+    /// error says why the token was refused.
+    fn spend_join_token(
+        &self,
+        hash: &flotilla_common::enroll::TokenHash,
+        node: &NodeId,
+        now_unix_ms: i64,
+    ) -> Result<Result<crate::enroll::token::JoinTokenRecord, crate::enroll::token::Refusal>, StoreError>;
 }
 
 /// One atomic change to the alert trees.

@@ -64,6 +64,9 @@ pub enum Command {
     /// Certificates for agents and operators.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Join tokens: let new agents enroll (get a certificate) on first start.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Named connection settings.
     #[command(subcommand)]
     Context(ContextCmd),
@@ -288,6 +291,35 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Make a join token (admin). It is printed once; the controller keeps only its hash.
+    Create {
+        /// How long it may be used (at most 24h).
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Labels the enrolled nodes report, k=v,k=v (the agent's own labels win).
+        #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// List join tokens (admin): state, uses, expiry, the nodes they enrolled; never secrets.
+    Ls {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+}
+
+/// Parses one `k=v` label.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or_else(|| format!("label {text:?}: use NAME=VALUE"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// List audit records, oldest first.
     Ls {
@@ -329,6 +361,16 @@ pub enum NodesCmd {
     Show {
         /// Node id.
         node: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Revoke a node (admin): its stream is closed now and every later one refused. Audited; no undo yet.
+    Revoke {
+        /// Node id.
+        node: String,
+        /// Why, for the audit log and the node's refusals.
+        #[arg(long)]
+        reason: String,
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Format,
     },

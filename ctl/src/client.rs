@@ -22,10 +22,14 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<FleetClient<Channel>> 
 pub fn status_error(what: &str, status: &tonic::Status) -> anyhow::Error {
     use tonic::Code;
     let hint = match status.code() {
+        // A role refusal already says which role the call needs.
+        Code::PermissionDenied if status.message().contains("needs role") => "",
         Code::PermissionDenied | Code::Unauthenticated => {
             " (check that --cert is an operator certificate of this fleet)"
         }
         Code::Unavailable => " (is the controller running and reachable?)",
+        // E.g. the enrollment port, which serves nothing but enrollment.
+        Code::Unimplemented => " (this server does not serve it: is --controller the controller's mTLS port?)",
         _ => "",
     };
     let mut detail = status.message().to_owned();

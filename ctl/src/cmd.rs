@@ -12,6 +12,7 @@ mod nodes;
 mod pki;
 mod rollout;
 mod sim;
+mod token;
 
 use crate::cli::{Cli, Command};
 use crate::context::{CtlConfig, Env};
@@ -65,6 +66,10 @@ pub async fn dispatch(cli: Cli, env: Env) -> anyhow::Result<()> {
         }
         Command::Ca(cmd) => pki::ca(cmd),
         Command::Cert(cmd) => pki::cert(cmd),
+        Command::Token(cmd) => {
+            let conn = CtlConfig::load(&config_path)?.resolve(&cli.conn, &config_path)?;
+            token::run(cmd, &conn).await
+        }
         Command::Context(cmd) => context::run(cmd, &cli.conn, &config_path),
         Command::Demo(args) => crate::demo::run(args, &config_path).await,
     }

@@ -51,7 +51,7 @@ pub async fn run(args: DemoArgs, ctl_config: &Path) -> anyhow::Result<()> {
         listen: args.listen,
         alerting,
         data_dir: dir.join("controller"),
-        tls: TlsFiles::from_pki_dir(&pki_dir, &pki::leaf_paths(&pki_dir, &Identity::Controller)),
+        tls: TlsFiles::from_pki_dir(&pki_dir, &pki::leaf_paths(&pki_dir, &Identity::Controller)).into(),
         metrics_listen: args.metrics_listen,
         ..Default::default()
     };

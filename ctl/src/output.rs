@@ -272,6 +272,7 @@ fn state_name(s: pb::NodeState) -> &'static str {
         pb::NodeState::Cordoned => "cordoned",
         pb::NodeState::Draining => "draining",
         pb::NodeState::Down => "down",
+        pb::NodeState::Revoked => "revoked",
         pb::NodeState::Unspecified => "unknown",
     }
 }

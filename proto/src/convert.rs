@@ -446,6 +446,7 @@ impl From<NodeState> for pb::NodeState {
             NodeState::Cordoned => pb::NodeState::Cordoned,
             NodeState::Draining => pb::NodeState::Draining,
             NodeState::Down => pb::NodeState::Down,
+            NodeState::Revoked => pb::NodeState::Revoked,
         }
     }
 }
@@ -459,6 +460,7 @@ impl TryFrom<pb::NodeState> for NodeState {
             pb::NodeState::Cordoned => NodeState::Cordoned,
             pb::NodeState::Draining => NodeState::Draining,
             pb::NodeState::Down => NodeState::Down,
+            pb::NodeState::Revoked => NodeState::Revoked,
             pb::NodeState::Unspecified => return Err(err("state", "unspecified node state")),
         })
     }

@@ -375,6 +375,11 @@ pub fn flotctl(pki: &Pki, controller: &str, args: &[&str]) -> Output {
 
 /// Runs flotctl with an explicit client certificate.
 pub fn flotctl_as(ca: &Path, cert: &CertPaths, controller: &str, args: &[&str]) -> Output {
+    flotctl_command(ca, cert, controller, args).output().expect("run flotctl")
+}
+
+/// The flotctl command [`flotctl_as`] runs, to spawn it instead (e.g. `--watch`).
+pub fn flotctl_command(ca: &Path, cert: &CertPaths, controller: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("flotctl"));
     cmd.args(["--controller", controller])
         .arg("--cacert")
@@ -389,7 +394,7 @@ pub fn flotctl_as(ca: &Path, cert: &CertPaths, controller: &str, args: &[&str]) 
         .args(args)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null());
-    cmd.output().expect("run flotctl")
+    cmd
 }
 
 /// A command's stdout as JSON; a test failure showing stdout and stderr if it is not.

@@ -341,7 +341,22 @@ fn blue_green_steps_traffic_and_a_failing_revision_rolls_back_to_the_last_good_o
         "",
     );
     fleet.apply(&v3);
+    // An operator watching: one JSON line per change, and the watch ends with the rollout.
+    let watch = flotilla_tests::flotctl_command(
+        &fleet.pki.ca(),
+        &fleet.pki.admin(),
+        &fleet.url(),
+        &["rollout", "status", name, "--watch", "-o", "json"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     let back = fleet.wait_rollout(name, "v3 to roll back", patience, |s| s["state"] == "rolled_back");
+    let watched = watch.wait_with_output().unwrap();
+    assert!(watched.status.success(), "{watched:?}");
+    let last_line = String::from_utf8_lossy(&watched.stdout).lines().last().unwrap_or_default().to_owned();
+    let last: serde_json::Value = serde_json::from_str(&last_line).unwrap();
+    assert_eq!(last["state"], "rolled_back", "the watch ends on the final state: {last_line}");
     drop(load);
     eprintln!("rolled back: {}", back["error"]);
     let events = back["events"].as_array().unwrap();

@@ -278,17 +278,38 @@ impl Scraper {
         // The gate is never closed, so acquiring cannot fail; if it somehow did,
         // parsing ungated is still correct.
         let _permit = gate.acquire().await.ok();
-        tokio::task::spawn_blocking(move || {
-            let text =
-                std::str::from_utf8(&fetched.body).map_err(|_| InferenceError::NotUtf8 { url: task_url.clone() })?;
-            let page =
-                exposition::parse(text).map_err(|e| InferenceError::Parse { url: task_url.clone(), message: e.0 })?;
-            normalise::normalise(&page, engine, model.as_deref(), table)
-                .map_err(|_| InferenceError::UnknownEngine { url: task_url })
-        })
-        .await
-        .map_err(|source| InferenceError::Task { url, source })?
+        tokio::task::spawn_blocking(move || decode_page(&fetched.body, engine, model.as_deref(), table, &task_url))
+            .await
+            .map_err(|source| InferenceError::Task { url, source })?
     }
+}
+
+/// Decodes one `/metrics` body: UTF-8, the text format, then the mapping table
+/// (`engine` as configured, detected when `None`). The body is whatever the
+/// server sent, so nothing here may panic: `fuzz/` feeds it arbitrary bytes
+/// through [`decode_metrics_page`].
+fn decode_page(
+    body: &[u8],
+    engine: Option<Engine>,
+    model: Option<&str>,
+    table: &MappingTable,
+    url: &str,
+) -> Result<Normalised, InferenceError> {
+    let text = std::str::from_utf8(body).map_err(|_| InferenceError::NotUtf8 { url: url.to_owned() })?;
+    let page = exposition::parse(text).map_err(|e| InferenceError::Parse { url: url.to_owned(), message: e.0 })?;
+    normalise::normalise(&page, engine, model, table).map_err(|_| InferenceError::UnknownEngine { url: url.to_owned() })
+}
+
+/// A scraped `/metrics` body decoded into flotilla samples exactly as a scrape
+/// does, without the HTTP: the entry point of the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub fn decode_metrics_page(
+    body: &[u8],
+    engine: Option<Engine>,
+    model: Option<&str>,
+) -> Result<Vec<Sample>, InferenceError> {
+    let table = MappingTable::builtin()?;
+    decode_page(body, engine, model, table, "/metrics").map(|n| n.samples)
 }
 
 /// The first model id of an OpenAI-style `/v1/models` list: the model label for

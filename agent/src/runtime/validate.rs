@@ -19,7 +19,7 @@ const MAX_NAME: usize = 63;
 
 pub(crate) fn check(spec: &ContainerSpec, gpus: &[GpuInfo]) -> Result<(), SpecError> {
     check_names(spec)?;
-    if let Some(reason) = super::image_ref::check(&spec.image) {
+    if let Some(reason) = flotilla_common::command::image_ref::check(&spec.image) {
         return Err(if spec.image.is_empty() {
             SpecError::Empty { field: "image".into() }
         } else {

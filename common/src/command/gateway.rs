@@ -175,8 +175,8 @@ mod tests {
         assert!(err("llama", "-x:80=1").contains("host"));
         assert!(err("llama", "a:80=1,A:80=2").contains("twice"));
         assert!(err("llama", "a:80=0,b:80=0").contains("weight 0"));
-        let many: Vec<String> = (1..=65).map(|p| format!("127.0.0.1:{p}=1")).collect();
-        assert!(err("llama", &many.join(",")).contains("more than 64"));
+        let many: Vec<String> = (1..=(MAX_SERVERS as u16 + 1)).map(|p| format!("127.0.0.1:{p}=1")).collect();
+        assert!(err("llama", &many.join(",")).contains(&format!("more than {MAX_SERVERS}")));
     }
 
     #[test]

@@ -379,6 +379,9 @@ impl DeploymentSpec {
         }
         if self.runtime.image.trim().is_empty() {
             bad.push("runtime.image: must not be empty".to_owned());
+        } else if let Some(reason) = flotilla_common::command::image_ref::check(&self.runtime.image) {
+            // The agents would refuse every replica's container spec for it.
+            bad.push(format!("runtime.image {:?}: not an image reference: {reason}", self.runtime.image));
         }
         if self.runtime.port == 0 {
             bad.push("runtime.port: must be 1..=65535".to_owned());
@@ -536,6 +539,18 @@ mod tests {
         assert_eq!(spec.strategy.traffic_steps(), vec![10, 50, 100]);
         assert!(spec.strategy.auto_revert);
         assert_eq!(spec.gates.min_requests, 20);
+    }
+
+    #[test]
+    fn an_image_the_agents_would_refuse_is_refused_here() {
+        for image in ["ghcr.io/huggingface/Text-generation-inference:3", "vllm:bad tag", "a//b", "-x:1"] {
+            let text = MINIMAL.replace("vllm:1", &format!("'{image}'"));
+            let err = DeploymentSpec::parse(&text).unwrap_err().to_string();
+            assert!(err.contains("runtime.image") && err.contains("not an image reference"), "{image}: {err}");
+        }
+        let pinned = format!("registry.example:5000/vllm/vllm-openai:v0.8.5@sha256:{}", "a".repeat(64));
+        let text = MINIMAL.replace("vllm:1", &pinned);
+        assert!(DeploymentSpec::parse(&text).is_ok());
     }
 
     #[test]

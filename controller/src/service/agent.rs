@@ -50,6 +50,10 @@ impl AgentService for AgentApi {
         let cert_node = crate::auth::require_node(&request)?;
         tracing::Span::current().record("node_id", tracing::field::display(&cert_node));
         tracing::Span::current().record("peer", tracing::field::debug(&peer));
+        if let Some(revoked) = self.ctx.registry.revocation(&cert_node) {
+            return Err(refuse_revoked(&revoked));
+        }
+        let cert_serial = crate::auth::certificate_serial(&request);
         let mut inbound = request.into_inner();
 
         let hello = read_hello(&mut inbound, self.ctx.config.agents.hello_timeout).await?;
@@ -72,7 +76,12 @@ impl AgentService for AgentApi {
         let (down_tx, down_rx) = mpsc::channel(64);
         self.ctx.view.set_inventory(&cert_node, record.inventory.clone());
         self.ctx.view.set_containers(&cert_node, containers);
-        let session = self.ctx.registry.open(&cert_node, peer, interval, &self.ctx.shutdown, down_tx);
+        // Checked again here, atomically with registering: a revocation may have come meanwhile.
+        let session = self
+            .ctx
+            .registry
+            .open(&cert_node, peer, cert_serial, interval, &self.ctx.shutdown, down_tx)
+            .map_err(|revoked| refuse_revoked(&revoked))?;
         let (out_tx, out_rx) = mpsc::channel(64);
         let welcome = pb::ControllerMessage {
             body: Some(Down::Welcome(pb::Welcome {
@@ -148,6 +157,12 @@ fn check_hello(
         )));
     }
     Ok((inventory, containers, interval))
+}
+
+/// The refusal a revoked node gets, logged with the same words.
+fn refuse_revoked(revoked: &crate::registry::Revocation) -> Status {
+    tracing::warn!(reason = %revoked, "refused a revoked node");
+    Status::permission_denied(revoked.to_string())
 }
 
 fn to_wire(down: Downlink) -> pb::ControllerMessage {
@@ -228,6 +243,8 @@ impl StreamSession {
     fn cancel_reason(&self) -> Status {
         if self.ctx.shutdown.is_cancelled() {
             Status::unavailable("controller shutting down")
+        } else if let Some(revoked) = self.ctx.registry.revocation(&self.node) {
+            Status::permission_denied(revoked.to_string())
         } else if self.ctx.registry.session(&self.node).is_some_and(|s| s.id != self.session.id) {
             Status::aborted("replaced by a newer stream from the same node")
         } else {
@@ -251,6 +268,12 @@ impl StreamSession {
                 tracing::debug!(containers = report.containers.len(), "agent reported its containers");
                 self.ctx.view.set_containers(&self.node, Some(report));
                 Ok(())
+            }
+            Some(Up::Renew(request)) => {
+                // Answered on this stream, which goes on: no telemetry waits for a reconnect.
+                let answer = super::enroll::renew(&self.ctx, &self.node, request).await;
+                let msg = pb::ControllerMessage { body: Some(Down::Renewed(answer)) };
+                self.out.send(Ok(msg)).await.map_err(|_| Status::cancelled("agent stream closed"))
             }
             None => Err(Status::invalid_argument("empty agent message")),
         }

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::pin::Pin;
 
 use flotilla_common::NodeId;
-use flotilla_common::model::{GpuSourceKind, SimFault};
+use flotilla_common::model::{GpuSourceKind, NodeState, SimFault};
 use flotilla_proto::pb;
 use flotilla_proto::pb::fleet_server::Fleet;
 use futures::Stream;
@@ -18,7 +18,9 @@ use tracing::Instrument;
 mod alerts;
 mod capacity;
 mod deploy;
+mod nodes;
 mod ops;
+mod tokens;
 
 use super::{Context, blocking};
 use crate::query::{QueryError, RangeQuery, SeriesPoints};
@@ -42,8 +44,12 @@ impl FleetApi {
     /// Builds the wire view of a node: stored record + live session + latest batch.
     fn view(&self, record: NodeRecord, latest: Option<flotilla_common::model::TelemetryBatch>) -> pb::Node {
         let session = self.ctx.registry.session(&record.id);
-        let (state, reason) =
-            node_state(session.as_ref(), latest.as_ref(), Instant::now(), self.ctx.config.agents.missed_heartbeats);
+        let (state, reason) = match self.ctx.registry.revocation(&record.id) {
+            Some(revoked) => (NodeState::Revoked, revoked.to_string()),
+            None => {
+                node_state(session.as_ref(), latest.as_ref(), Instant::now(), self.ctx.config.agents.missed_heartbeats)
+            }
+        };
         let last_seen = session.as_ref().map_or(record.last_seen_unix_ms, |s| unix_ms_at(s.last_heard));
         let mut inventory = pb::Inventory::from(record.inventory);
         inventory.containers = self.ctx.view.containers(&record.id).map(Into::into);
@@ -159,6 +165,27 @@ impl Fleet for FleetApi {
 
     async fn diagnose(&self, request: Request<pb::DiagnoseRequest>) -> Result<Response<pb::DiagnoseResponse>, Status> {
         capacity::diagnose(&self.ctx, request).await
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        tokens::create_token(&self.ctx, request).await
+    }
+
+    async fn list_join_tokens(
+        &self,
+        request: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        tokens::list_tokens(&self.ctx, request).await
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        nodes::revoke(&self.ctx, request).await
     }
 
     async fn operate_rollout(

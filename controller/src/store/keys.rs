@@ -31,6 +31,10 @@ pub const SILENCES: &str = "silences";
 pub const DEPLOYMENTS: &str = "deployments";
 /// Rollouts: deployment name, 0x00, rollout number (u64 BE) → `rollout::Rollout`.
 pub const ROLLOUTS: &str = "rollouts";
+/// Revoked nodes: node id → `registry::Revocation` (who, when, why, certificate serials).
+pub const REVOKED_NODES: &str = "revoked_nodes";
+/// Join tokens: SHA-256 of the secret (32 bytes) → `enroll::token::JoinTokenRecord`.
+pub const JOIN_TOKENS: &str = "join_tokens";
 
 /// The key of rollout `number` of `deployment`; a prefix scan on `deployment 0x00` lists them in order.
 pub fn rollout(deployment: &str, number: u64) -> Vec<u8> {

@@ -28,6 +28,8 @@ pub struct SledStore {
     silences: sled::Tree,
     deployments: sled::Tree,
     rollouts: sled::Tree,
+    revoked_nodes: sled::Tree,
+    join_tokens: sled::Tree,
     /// Serialises audit appends: each record chains to the one before it.
     audit_lock: std::sync::Mutex<()>,
 }
@@ -105,12 +107,16 @@ impl SledStore {
             silences: db.open_tree(keys::SILENCES).map_err(sled_err("open silences tree"))?,
             deployments: db.open_tree(keys::DEPLOYMENTS).map_err(sled_err("open deployments tree"))?,
             rollouts: db.open_tree(keys::ROLLOUTS).map_err(sled_err("open rollouts tree"))?,
+            revoked_nodes: db.open_tree(keys::REVOKED_NODES).map_err(sled_err("open revoked nodes tree"))?,
+            join_tokens: db.open_tree(keys::JOIN_TOKENS).map_err(sled_err("open join tokens tree"))?,
             audit_lock: std::sync::Mutex::new(()),
             db,
         };
         // Migrations run in order from the version found; version 0 is a new store.
         // The rollup and alert trees were added within schema 1 (they start empty,
-        // and an older build ignores them); so were the deployment trees of schema 2.
+        // and an older build ignores them); so were the deployment trees of schema 2
+        // and the revoked nodes (an older build would not enforce them: do not downgrade)
+        // and the join tokens.
         if found == 1 {
             store.migrate_1_to_2()?;
         }
@@ -277,6 +283,67 @@ impl Store for SledStore {
                 codec::decode(&k, &v)
             })
             .collect()
+    }
+
+    fn commit_revocation(&self, revocation: &crate::registry::Revocation) -> Result<(), StoreError> {
+        let key = revocation.node.as_str().as_bytes();
+        self.revoked_nodes.insert(key, codec::encode(revocation)?).map_err(sled_err("write revocation"))?;
+        self.db.flush().map_err(sled_err("flush revocation"))?;
+        Ok(())
+    }
+
+    fn revocations(&self) -> Result<Vec<crate::registry::Revocation>, StoreError> {
+        self.revoked_nodes
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan revoked nodes"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn commit_join_token(&self, token: &crate::enroll::token::JoinTokenRecord) -> Result<(), StoreError> {
+        self.join_tokens.insert(token.hash, codec::encode(token)?).map_err(sled_err("write join token"))?;
+        self.db.flush().map_err(sled_err("flush join token"))?;
+        Ok(())
+    }
+
+    fn join_tokens(&self) -> Result<Vec<crate::enroll::token::JoinTokenRecord>, StoreError> {
+        self.join_tokens
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan join tokens"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn spend_join_token(
+        &self,
+        hash: &flotilla_common::enroll::TokenHash,
+        node: &NodeId,
+        now_unix_ms: i64,
+    ) -> Result<Result<crate::enroll::token::JoinTokenRecord, crate::enroll::token::Refusal>, StoreError> {
+        // Compare-and-swap until no other spend came in between: two agents
+        // racing for the last use cannot both get it.
+        loop {
+            let Some(old) = self.join_tokens.get(hash.0).map_err(sled_err("read join token"))? else {
+                return Ok(Err(crate::enroll::token::Refusal::Unknown));
+            };
+            let record: crate::enroll::token::JoinTokenRecord = codec::decode(&hash.0, &old)?;
+            let next = match crate::enroll::token::spend(&record, node, now_unix_ms) {
+                Ok(next) => next,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            let swapped = self
+                .join_tokens
+                .compare_and_swap(hash.0, Some(old), Some(codec::encode(&next)?))
+                .map_err(sled_err("spend join token"))?;
+            if swapped.is_ok() {
+                self.db.flush().map_err(sled_err("flush join token"))?;
+                return Ok(Ok(next));
+            }
+        }
     }
 
     fn commit_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
@@ -755,5 +822,55 @@ mod tests {
             db.flush().unwrap();
         }
         assert!(matches!(SledStore::open(dir.path()), Err(StoreError::SchemaTooNew { found: 99, .. })));
+    }
+
+    #[test]
+    fn revocations_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let revoked = crate::registry::Revocation {
+            node: NodeId::new("a").unwrap(),
+            at_unix_ms: 5,
+            by: "operator root (admin)".into(),
+            reason: String::new(),
+            serials: vec![],
+        };
+        SledStore::open(dir.path()).unwrap().commit_revocation(&revoked).unwrap();
+        assert_eq!(SledStore::open(dir.path()).unwrap().revocations().unwrap(), vec![revoked]);
+    }
+
+    #[test]
+    fn join_tokens_are_spent_atomically_and_survive_reopen() {
+        use crate::enroll::token::{Refusal, TokenRequest, create};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (secret, record) = create(&TokenRequest { uses: 3, ..Default::default() }, "admin", 0).unwrap();
+        store.commit_join_token(&record).unwrap();
+        let hash = secret.hash();
+        // Eight threads race for three uses: exactly three win.
+        let store = std::sync::Arc::new(store);
+        let wins: usize = std::thread::scope(|scope| {
+            (0..8)
+                .map(|i| {
+                    let store = store.clone();
+                    scope.spawn(move || {
+                        let node = NodeId::new(format!("n{i}")).unwrap();
+                        store.spend_join_token(&hash, &node, 1).unwrap().is_ok()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap()))
+                .sum()
+        });
+        assert_eq!(wins, 3);
+        let unknown = flotilla_common::enroll::JoinSecret::generate().hash();
+        let n = NodeId::new("x").unwrap();
+        assert_eq!(store.spend_join_token(&unknown, &n, 1).unwrap(), Err(Refusal::Unknown));
+        drop(store);
+        let reopened = SledStore::open(dir.path()).unwrap();
+        let tokens = reopened.join_tokens().unwrap();
+        assert_eq!(tokens.len(), 1);
+        assert_eq!((tokens[0].uses_left, tokens[0].enrolled.len()), (0, 3));
+        assert!(matches!(reopened.spend_join_token(&hash, &n, 2).unwrap(), Err(Refusal::Spent { .. })));
     }
 }

@@ -45,7 +45,7 @@ pub async fn start_in(dir: tempfile::TempDir) -> Running {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.clone(),
-        tls: TlsFiles::from_pki_dir(&pki_dir, &pki::leaf_paths(&pki_dir, &Identity::Controller)),
+        tls: TlsFiles::from_pki_dir(&pki_dir, &pki::leaf_paths(&pki_dir, &Identity::Controller)).into(),
         ..Default::default()
     };
     let controller = Controller::bind(config).await.unwrap();

@@ -1,4 +1,4 @@
-//! `flotctl nodes ls|show`.
+//! `flotctl nodes ls|show|revoke`.
 
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::pb;
@@ -22,7 +22,54 @@ pub async fn run(cmd: NodesCmd, conn: &Connection) -> anyhow::Result<()> {
             let view = NodeView::from_wire(resp, true);
             output::print(output, &view, |v| show_text(v, now_unix_ms()))
         }
+        NodesCmd::Revoke { node, reason, output } => {
+            let req = pb::RevokeNodeRequest { node_id: node.clone(), reason };
+            let resp = call(&format!("revoke node {node}"), client.revoke_node(req).await)?;
+            output::print(output, &RevocationView::from(resp), revoke_text)
+        }
     }
+}
+
+/// What `nodes revoke` prints.
+#[derive(Debug, serde::Serialize)]
+struct RevocationView {
+    node_id: String,
+    revoked_at_unix_ms: i64,
+    revoked_by: String,
+    reason: String,
+    certificate_serials: Vec<String>,
+    stream_closed: bool,
+    already_revoked: bool,
+}
+
+impl From<pb::RevokeNodeResponse> for RevocationView {
+    fn from(r: pb::RevokeNodeResponse) -> Self {
+        Self {
+            node_id: r.node_id,
+            revoked_at_unix_ms: r.revoked_at_unix_ms,
+            revoked_by: r.revoked_by,
+            reason: r.reason,
+            certificate_serials: r.certificate_serials,
+            stream_closed: r.stream_closed,
+            already_revoked: r.already_revoked,
+        }
+    }
+}
+
+fn revoke_text(r: &RevocationView) -> String {
+    let at = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(r.revoked_at_unix_ms).unwrap_or(0)),
+    );
+    let what = if r.already_revoked { "was already revoked" } else { "revoked" };
+    let mut out = format!("Node {} {what} at {at} by {}: {}", r.node_id, r.revoked_by, r.reason);
+    if r.stream_closed {
+        out.push_str("\nIts live stream was closed.");
+    }
+    if !r.certificate_serials.is_empty() {
+        out.push_str(&format!("\nCertificate serials: {}", r.certificate_serials.join(", ")));
+    }
+    out.push_str("\nEvery later connection from this node is refused; un-revoking is not supported yet.");
+    out
 }
 
 fn ls_table(nodes: &[NodeView], now: i64) -> String {
@@ -162,6 +209,27 @@ mod tests {
     use flotilla_proto::pb;
 
     use super::*;
+
+    #[test]
+    fn revoke_says_who_when_and_why() {
+        let resp = pb::RevokeNodeResponse {
+            node_id: "gpu-a".into(),
+            revoked_at_unix_ms: 1_700_000_000_000,
+            revoked_by: "operator root (admin)".into(),
+            reason: "stolen".into(),
+            certificate_serials: vec!["0a1b".into()],
+            stream_closed: true,
+            already_revoked: false,
+        };
+        let text = revoke_text(&RevocationView::from(resp.clone()));
+        assert!(
+            text.starts_with("Node gpu-a revoked at 2023-11-14T22:13:20Z by operator root (admin): stolen"),
+            "{text}"
+        );
+        assert!(text.contains("stream was closed") && text.contains("0a1b"), "{text}");
+        let again = revoke_text(&RevocationView::from(pb::RevokeNodeResponse { already_revoked: true, ..resp }));
+        assert!(again.contains("was already revoked"), "{again}");
+    }
 
     #[test]
     fn show_prints_gpu_health_by_name() {

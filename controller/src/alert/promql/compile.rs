@@ -240,11 +240,24 @@ impl Selector {
 
 /// Compiles `text`.
 pub(super) fn compile(text: &str) -> Result<Node, PromqlError> {
+    let tokens = Tokens::scan(text);
+    // `promql-parser` recurses per nesting level and so does dropping its tree:
+    // bound both before parsing (fuzzing overflowed a 2 MiB stack with either).
+    if tokens.len() > MAX_TOKENS {
+        return Err(PromqlError {
+            column: 1,
+            message: format!("the expression has {} tokens; at most {MAX_TOKENS} are allowed", tokens.len()),
+        });
+    }
+    let (deepest, column) = tokens.deepest();
+    if deepest > MAX_DEPTH {
+        return Err(PromqlError { column, message: format!("the expression nests deeper than {MAX_DEPTH} levels") });
+    }
     let tree = ast::parse(text).map_err(|reason| PromqlError {
         column: 1,
         message: format!("the expression does not parse: {}", reason.trim()),
     })?;
-    let compiler = Compiler { tokens: Tokens::scan(text) };
+    let compiler = Compiler { tokens, depth: std::cell::Cell::new(0) };
     let node = compiler.node(&tree)?;
     if matches!(node, Node::Range(_)) {
         return Err(compiler.error(
@@ -255,8 +268,21 @@ pub(super) fn compile(text: &str) -> Result<Node, PromqlError> {
     Ok(node)
 }
 
+/// How deep an expression may nest (parentheses, calls, operators). Every pass
+/// over the compiled tree recurses (evaluation, label names, selectors), so an
+/// unbounded depth would let a rules file overflow the stack of the thread that
+/// checks it (fuzzing found 1 000 nested parentheses enough on a 2 MiB tokio
+/// worker) and abort the controller; no real rule comes near this.
+pub(super) const MAX_DEPTH: usize = 64;
+
+/// The most tokens an expression may have: a chain of operators nests one level
+/// per operator without a single parenthesis. Real rules have a few dozen.
+pub(super) const MAX_TOKENS: usize = 2048;
+
 struct Compiler {
     tokens: Tokens,
+    /// The nesting depth of the node being compiled.
+    depth: std::cell::Cell<usize>,
 }
 
 impl Compiler {
@@ -265,6 +291,17 @@ impl Compiler {
     }
 
     fn node(&self, e: &ast::Expr) -> Result<Node, PromqlError> {
+        let depth = self.depth.get() + 1;
+        if depth > MAX_DEPTH {
+            return Err(self.error(None, &format!("the expression nests deeper than {MAX_DEPTH} levels")));
+        }
+        self.depth.set(depth);
+        let node = self.node_at_depth(e);
+        self.depth.set(depth - 1);
+        node
+    }
+
+    fn node_at_depth(&self, e: &ast::Expr) -> Result<Node, PromqlError> {
         match e {
             ast::Expr::NumberLiteral(n) => Ok(Node::Number(n.val)),
             ast::Expr::Paren(p) => self.node(&p.expr),

@@ -133,6 +133,30 @@ impl Tokens {
         None
     }
 
+    /// How many tokens the text has.
+    pub(super) fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The deepest nesting of `(`, `[` and `{`, and the column where it is
+    /// first reached.
+    pub(super) fn deepest(&self) -> (usize, usize) {
+        let (mut depth, mut deepest) = (0usize, (0, 1));
+        for t in self.tokens.iter().filter(|t| t.kind == Kind::Punct) {
+            match t.text.as_str() {
+                "(" | "[" | "{" => {
+                    depth += 1;
+                    if depth > deepest.0 {
+                        deepest = (depth, t.column);
+                    }
+                }
+                ")" | "]" | "}" => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        deepest
+    }
+
     /// The column of the first string outside label matchers.
     pub(super) fn string(&self) -> Option<usize> {
         self.tokens.iter().find(|t| t.kind == Kind::Str && !t.in_braces).map(|t| t.column)

@@ -449,3 +449,41 @@ fn random_windows_and_expressions() {
         assert_eq!(counts.iter().map(|s| s.value as usize).sum::<usize>(), by_hand);
     }
 }
+
+#[test]
+fn nesting_is_bounded_before_anything_recurses() {
+    use super::compile::{MAX_DEPTH, MAX_TOKENS};
+    // On a thread with a tokio worker's stack: the depth allowed compiles and
+    // evaluates there; deeper is refused, not a stack overflow (fuzzing found one).
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(|| {
+            let nested = |n: usize, open: &str, close: &str| format!("{}x{}", open.repeat(n), close.repeat(n));
+            let mut w = Window::new(Duration::from_secs(600));
+            w.push("x", &l(&[("a", "b")]), 0, 1.0);
+            for (open, close) in [("(", ")"), ("abs(", ")"), ("sum(", ")"), ("-(", ")")] {
+                // The selector is a level too; `-(` is two levels per parenthesis.
+                let allowed = if open == "-(" { (MAX_DEPTH - 1) / 2 } else { MAX_DEPTH - 1 };
+                let ok = Expr::parse(&nested(allowed, open, close)).unwrap();
+                assert_eq!(ok.eval(&w, M).unwrap().len(), 1, "{open}");
+                for n in [MAX_DEPTH + 1, 500] {
+                    let err = Expr::parse(&nested(n, open, close)).unwrap_err();
+                    assert!(err.message.contains("nests deeper than 64 levels"), "{open} x{n}: {err}");
+                }
+                let err = Expr::parse(&nested(20_000, open, close)).unwrap_err();
+                assert!(err.message.contains("tokens; at most 2048"), "{open} x20000: {err}");
+            }
+            // Operator chains nest without parentheses: bounded by the token count.
+            for op in [" + ", " * ", " and ", " > bool "] {
+                let longest = vec!["x"; MAX_TOKENS / (op.split_whitespace().count() + 1)].join(op);
+                assert!(Expr::parse(&longest).is_err_and(|e| e.message.contains("nests deeper")), "{op}");
+                let err = Expr::parse(&vec!["x"; 100_000].join(op)).unwrap_err();
+                assert!(err.message.contains("tokens; at most 2048"), "{op}: {err}");
+            }
+            let unary = format!("{}x", "-".repeat(MAX_TOKENS - 1));
+            assert!(Expr::parse(&unary).is_err_and(|e| e.message.contains("nests deeper")));
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}

@@ -175,6 +175,7 @@ fn node_gpus(nodes: Vec<pb::Node>) -> (Vec<NodeGpus>, Vec<String>) {
             pb::NodeState::Down => Some("down"),
             pb::NodeState::Cordoned => Some("cordoned"),
             pb::NodeState::Draining => Some("draining"),
+            pb::NodeState::Revoked => Some("revoked"),
             _ => None,
         };
         if let Some(why) = why {

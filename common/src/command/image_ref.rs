@@ -1,9 +1,11 @@
 //! The image reference grammar of the container ecosystem (`distribution/reference`):
 //! `[host[:port]/]path[:tag][@algorithm:hex]`, or a bare image id `sha256:HEX64`.
-//! Checked here so a typo is refused with a reason before the engine sees it.
+//! Shared so that the controller refuses a deployment spec with the same reason
+//! the agent would refuse its container spec, before a rollout starts (fuzzing
+//! found specs the controller planned and every agent then refused).
 
 /// Why `image` is not a reference, or `None` when it is one.
-pub(crate) fn check(image: &str) -> Option<&'static str> {
+pub fn check(image: &str) -> Option<&'static str> {
     if image.is_empty() {
         return Some("it is empty");
     }
