@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/flotilla/v1/deploy.proto",
         "proto/flotilla/v1/capacity.proto",
         "proto/flotilla/v1/enroll.proto",
+        "proto/flotilla/v1/admin.proto",
         "proto/flotilla/v1/fleet.proto",
     ];
     for file in &files {

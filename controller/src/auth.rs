@@ -43,6 +43,9 @@ pub const FLEET_METHODS: &[(&str, Role)] = &[
     ("GetRollout", Role::Viewer),
     ("CapacityReport", Role::Viewer),
     ("Diagnose", Role::Viewer),
+    ("ListApprovals", Role::Viewer),
+    ("GetApproval", Role::Viewer),
+    ("GetVersion", Role::Viewer),
     // Actions on nodes, alerts and deployments.
     ("ExecCommand", Role::Operator),
     ("InjectFault", Role::Operator),
@@ -51,12 +54,16 @@ pub const FLEET_METHODS: &[(&str, Role)] = &[
     ("ExpireSilence", Role::Operator),
     ("ApplyDeployment", Role::Operator),
     ("OperateRollout", Role::Operator),
+    // Approving needs admin and rejecting admin or the requester: the handler decides.
+    ("DecideApproval", Role::Operator),
     // What changes the controller's policy or who belongs to the fleet.
     ("ReloadRules", Role::Admin),
     ("RevokeNode", Role::Admin),
     // Join tokens (enrollment).
     ("CreateJoinToken", Role::Admin),
     ("ListJoinTokens", Role::Admin),
+    // The whole store, secrets' hashes and the audit log included.
+    ("CreateBackup", Role::Admin),
 ];
 
 /// The least role that may call `method` of the Fleet service, if it is listed.

@@ -35,6 +35,8 @@ pub struct Config {
     pub telemetry: TelemetryPolicy,
     pub limits: Limits,
     pub alerting: crate::alert::engine::AlertingConfig,
+    /// The two-person rule: verbs held until a second admin approves them.
+    pub approvals: crate::approval::ApprovalPolicy,
 }
 
 /// How agents are judged alive.
@@ -155,6 +157,7 @@ impl Default for Config {
             telemetry: TelemetryPolicy::default(),
             limits: Limits::default(),
             alerting: crate::alert::engine::AlertingConfig::default(),
+            approvals: crate::approval::ApprovalPolicy::default(),
         }
     }
 }
@@ -305,6 +308,9 @@ impl Config {
             return bad("agents.cert_ttl must be within 10s..366days");
         }
         if let Err(message) = self.alerting.validate() {
+            return bad(&message);
+        }
+        if let Err(message) = self.approvals.validate() {
             return bad(&message);
         }
         Ok(())

@@ -7,6 +7,7 @@
 //! call [`Controller::bind`] to run it in-process.
 
 pub mod alert;
+pub mod approval;
 pub mod audit;
 pub mod auth;
 pub mod capacity;

@@ -45,10 +45,65 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Offline>,
+}
+
+/// Work on a stopped controller's data instead of running it.
+#[derive(Debug, clap::Subcommand)]
+enum Offline {
+    /// Rebuild a store from a backup (`flotctl backup create`) into an empty data dir.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The data dir to create the store in; it must not hold a store yet.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Check a backup file's structure and checksum, and say what it holds.
+    VerifyBackup {
+        /// The backup file.
+        file: PathBuf,
+    },
+}
+
+/// Runs an offline subcommand, printing what it did.
+fn offline(command: Offline) -> ExitCode {
+    use flotilla_controller::store::backup;
+    let (result, verb) = match &command {
+        Offline::Restore { file, data_dir } => (backup::restore(file, data_dir), "restored"),
+        Offline::VerifyBackup { file } => (backup::verify(file), "verified"),
+    };
+    match result {
+        Ok(summary) => {
+            let records: u64 = summary.records.values().sum();
+            println!(
+                "{verb}: backup of controller {} (store schema {}), {records} records, {} bytes, sha256 {}",
+                summary.controller_version, summary.schema, summary.bytes, summary.sha256
+            );
+            for (tree, count) in &summary.records {
+                println!("  {tree:<18} {count}");
+            }
+            if let Offline::Restore { data_dir, .. } = &command {
+                println!(
+                    "start the controller with --data-dir {} (and the same TLS files), then run `flotctl audit verify`",
+                    data_dir.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("flotilla-controller: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(command) = args.command {
+        return offline(command);
+    }
     flotilla_common::tls::install_crypto_provider();
     let overrides = Overrides {
         listen: args.listen,

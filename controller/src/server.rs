@@ -32,6 +32,12 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
             .map_err(|e| ControllerError::Startup(format!("loading revoked nodes: {e}")))??;
         Registry::with_revocations(revoked)
     };
+    {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || crate::service::fleet::recover_approvals(store.as_ref()))
+            .await
+            .map_err(|e| ControllerError::Startup(format!("recovering approvals: {e}")))??;
+    }
     let metrics = crate::metrics::Metrics::new().map_err(|e| ControllerError::Startup(format!("self-metrics: {e}")))?;
     let view = {
         let store = store.clone();
@@ -111,6 +117,7 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
         shutdown: work.clone(),
         tracker: tracker.clone(),
         alerts,
+        started_unix_ms: flotilla_common::time::now_unix_ms(),
     };
 
     tracker.spawn(liveness::run(

@@ -21,6 +21,8 @@ pub struct Context {
     pub rollouts: crate::rollout::Rollouts,
     /// The CA key (when configured) and what enrolling agents are sent.
     pub enrollment: std::sync::Arc<crate::enroll::Enrollment>,
+    /// When this controller started (Unix ms), for `GetVersion`.
+    pub started_unix_ms: i64,
 }
 
 impl std::fmt::Debug for Context {

@@ -5,6 +5,7 @@
 //! flushed to disk by a `commit_*` method first.
 
 pub(crate) mod codec;
+pub mod backup;
 mod keys;
 mod sled_store;
 
@@ -149,6 +150,27 @@ pub trait Store: Send + Sync + 'static {
     /// Every revoked node, by id.
     fn revocations(&self) -> Result<Vec<crate::registry::Revocation>, StoreError>;
     /// Saves a join token and flushes.
+    /// Calls `each(tree, key, value)` for every entry of `trees`, tree by tree
+    /// in key order. With `consistent`, writes to the state trees wait until it
+    /// returns, so what it sees is one moment (keep `each` quick then).
+    fn scan_trees(
+        &self,
+        trees: &[&str],
+        consistent: bool,
+        each: &mut dyn FnMut(&str, &[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    /// Writes (flushed) a held action of the two-person rule.
+    fn commit_approval(&self, approval: &crate::approval::ApprovalRecord) -> Result<(), StoreError>;
+    /// Replaces `old` with `new` only if the stored record is still `old`
+    /// (flushed); `false` when another decision came first.
+    fn swap_approval(
+        &self,
+        old: &crate::approval::ApprovalRecord,
+        new: &crate::approval::ApprovalRecord,
+    ) -> Result<bool, StoreError>;
+    fn approval(&self, id: &str) -> Result<Option<crate::approval::ApprovalRecord>, StoreError>;
+    /// Every held action, in id order.
+    fn approvals(&self) -> Result<Vec<crate::approval::ApprovalRecord>, StoreError>;
     fn commit_join_token(&self, token: &crate::enroll::token::JoinTokenRecord) -> Result<(), StoreError>;
     /// Every join token, by hash.
     fn join_tokens(&self) -> Result<Vec<crate::enroll::token::JoinTokenRecord>, StoreError>;

@@ -16,17 +16,24 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 mod alerts;
+mod backup;
+mod approvals;
 mod capacity;
 mod deploy;
 mod nodes;
 mod ops;
 mod tokens;
 
+pub use approvals::recover as recover_approvals;
+
 use super::{Context, blocking};
 use crate::query::{QueryError, RangeQuery, SeriesPoints};
 use crate::registry::{Downlink, node_state, unix_ms_at};
 use crate::store::NodeRecord;
 use crate::watch::{Event, Update, Watcher};
+
+/// The chunks of a backup as they are produced.
+pub type CreateBackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
 
 type Outbound<T> = mpsc::Sender<Result<T, Status>>;
 
@@ -186,6 +193,45 @@ impl Fleet for FleetApi {
         request: Request<pb::RevokeNodeRequest>,
     ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
         nodes::revoke(&self.ctx, request).await
+    }
+
+    async fn list_approvals(
+        &self,
+        request: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        approvals::list(&self.ctx, request).await
+    }
+
+    async fn get_approval(&self, request: Request<pb::GetApprovalRequest>) -> Result<Response<pb::Approval>, Status> {
+        approvals::get(&self.ctx, request).await
+    }
+
+    async fn decide_approval(
+        &self,
+        request: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        approvals::decide_call(&self.ctx, request).await
+    }
+
+    async fn get_version(
+        &self,
+        _request: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::GetVersionResponse>, Status> {
+        Ok(Response::new(pb::GetVersionResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: flotilla_proto::PROTOCOL_VERSION,
+            store_schema: crate::store::SCHEMA_VERSION,
+            started_unix_ms: self.ctx.started_unix_ms,
+        }))
+    }
+
+    type CreateBackupStream = CreateBackupStream;
+
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<Self::CreateBackupStream>, Status> {
+        backup::create(&self.ctx, request).await
     }
 
     async fn operate_rollout(

@@ -35,6 +35,8 @@ pub const ROLLOUTS: &str = "rollouts";
 pub const REVOKED_NODES: &str = "revoked_nodes";
 /// Join tokens: SHA-256 of the secret (32 bytes) → `enroll::token::JoinTokenRecord`.
 pub const JOIN_TOKENS: &str = "join_tokens";
+/// The two-person rule's held actions: approval id → `approval::ApprovalRecord`.
+pub const APPROVALS: &str = "approvals";
 
 /// The key of rollout `number` of `deployment`; a prefix scan on `deployment 0x00` lists them in order.
 pub fn rollout(deployment: &str, number: u64) -> Vec<u8> {

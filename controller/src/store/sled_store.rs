@@ -30,6 +30,10 @@ pub struct SledStore {
     rollouts: sled::Tree,
     revoked_nodes: sled::Tree,
     join_tokens: sled::Tree,
+    approvals: sled::Tree,
+    /// Writes to the state trees hold it shared; a backup holds it exclusively
+    /// while it copies them, so the copy is one consistent moment.
+    write_gate: std::sync::RwLock<()>,
     /// Serialises audit appends: each record chains to the one before it.
     audit_lock: std::sync::Mutex<()>,
 }
@@ -61,6 +65,16 @@ impl SledStore {
         self.db.flush().map_err(sled_err("flush the schema 2 migration"))?;
         tracing::info!(nodes = count, "store migrated from schema 1 to 2 (inventory gained the gateway role)");
         Ok(())
+    }
+
+    /// Shared hold on the state trees (see `write_gate`); a poisoned lock guards
+    /// no data, so it is taken anyway.
+    fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.write_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn tree_named(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        self.db.open_tree(name).map_err(sled_err("open a tree to copy"))
     }
 
     /// Opens (or creates) the store at `path` with sled's default page cache,
@@ -109,14 +123,16 @@ impl SledStore {
             rollouts: db.open_tree(keys::ROLLOUTS).map_err(sled_err("open rollouts tree"))?,
             revoked_nodes: db.open_tree(keys::REVOKED_NODES).map_err(sled_err("open revoked nodes tree"))?,
             join_tokens: db.open_tree(keys::JOIN_TOKENS).map_err(sled_err("open join tokens tree"))?,
+            approvals: db.open_tree(keys::APPROVALS).map_err(sled_err("open approvals tree"))?,
             audit_lock: std::sync::Mutex::new(()),
+            write_gate: std::sync::RwLock::new(()),
             db,
         };
         // Migrations run in order from the version found; version 0 is a new store.
         // The rollup and alert trees were added within schema 1 (they start empty,
         // and an older build ignores them); so were the deployment trees of schema 2
         // and the revoked nodes (an older build would not enforce them: do not downgrade)
-        // and the join tokens.
+        // and the join tokens and approvals.
         if found == 1 {
             store.migrate_1_to_2()?;
         }
@@ -131,6 +147,7 @@ impl SledStore {
 
 impl Store for SledStore {
     fn commit_alerts(&self, changes: &AlertChanges) -> Result<(), StoreError> {
+        let _gate = self.writing();
         if changes.is_empty() {
             return Ok(());
         }
@@ -194,6 +211,7 @@ impl Store for SledStore {
     }
 
     fn prune_alert_history(&self, cutoff_unix_ms: i64) -> Result<usize, StoreError> {
+        let _gate = self.writing();
         let end = u64::try_from(cutoff_unix_ms).unwrap_or(0).to_be_bytes();
         let mut removed = 0;
         for item in self.alert_history.range(..end.as_slice()) {
@@ -205,6 +223,7 @@ impl Store for SledStore {
     }
 
     fn set_alerts_evaluated(&self, unix_ms: i64) -> Result<(), StoreError> {
+        let _gate = self.writing();
         self.meta.insert(keys::ALERTS_EVALUATED_KEY, &unix_ms.to_be_bytes()).map_err(sled_err("write meta"))?;
         Ok(())
     }
@@ -223,6 +242,7 @@ impl Store for SledStore {
     }
 
     fn commit_silence(&self, silence: &Silence) -> Result<(), StoreError> {
+        let _gate = self.writing();
         self.silences.insert(silence.id.as_bytes(), codec::encode(silence)?).map_err(sled_err("write silence"))?;
         self.db.flush().map_err(sled_err("flush silence"))?;
         Ok(())
@@ -243,6 +263,7 @@ impl Store for SledStore {
         deployment: &crate::rollout::Deployment,
         rollout: Option<&crate::rollout::Rollout>,
     ) -> Result<(), StoreError> {
+        let _gate = self.writing();
         let dep_value = codec::encode(deployment)?;
         let roll = rollout
             .map(|r| Ok::<_, StoreError>((keys::rollout(&r.deployment, r.number), codec::encode(r)?)))
@@ -286,6 +307,7 @@ impl Store for SledStore {
     }
 
     fn commit_revocation(&self, revocation: &crate::registry::Revocation) -> Result<(), StoreError> {
+        let _gate = self.writing();
         let key = revocation.node.as_str().as_bytes();
         self.revoked_nodes.insert(key, codec::encode(revocation)?).map_err(sled_err("write revocation"))?;
         self.db.flush().map_err(sled_err("flush revocation"))?;
@@ -302,7 +324,63 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn scan_trees(
+        &self,
+        trees: &[&str],
+        consistent: bool,
+        each: &mut dyn FnMut(&str, &[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let _gate = consistent.then(|| self.write_gate.write().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for name in trees {
+            for item in self.tree_named(name)?.iter() {
+                let (k, v) = item.map_err(sled_err("copy a tree"))?;
+                each(name, &k, &v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_approval(&self, approval: &crate::approval::ApprovalRecord) -> Result<(), StoreError> {
+        let _gate = self.writing();
+        self.approvals.insert(approval.id.as_bytes(), codec::encode(approval)?).map_err(sled_err("write approval"))?;
+        self.db.flush().map_err(sled_err("flush approval"))?;
+        Ok(())
+    }
+
+    fn swap_approval(
+        &self,
+        old: &crate::approval::ApprovalRecord,
+        new: &crate::approval::ApprovalRecord,
+    ) -> Result<bool, StoreError> {
+        let _gate = self.writing();
+        // postcard encodes a value one way, so comparing bytes compares records.
+        let swapped = self
+            .approvals
+            .compare_and_swap(old.id.as_bytes(), Some(codec::encode(old)?), Some(codec::encode(new)?))
+            .map_err(sled_err("decide approval"))?;
+        if swapped.is_ok() {
+            self.db.flush().map_err(sled_err("flush approval"))?;
+        }
+        Ok(swapped.is_ok())
+    }
+
+    fn approval(&self, id: &str) -> Result<Option<crate::approval::ApprovalRecord>, StoreError> {
+        let key = id.as_bytes();
+        self.approvals.get(key).map_err(sled_err("read approval"))?.map(|v| codec::decode(key, &v)).transpose()
+    }
+
+    fn approvals(&self) -> Result<Vec<crate::approval::ApprovalRecord>, StoreError> {
+        self.approvals
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scan approvals"))?;
+                codec::decode(&k, &v)
+            })
+            .collect()
+    }
+
     fn commit_join_token(&self, token: &crate::enroll::token::JoinTokenRecord) -> Result<(), StoreError> {
+        let _gate = self.writing();
         self.join_tokens.insert(token.hash, codec::encode(token)?).map_err(sled_err("write join token"))?;
         self.db.flush().map_err(sled_err("flush join token"))?;
         Ok(())
@@ -324,6 +402,7 @@ impl Store for SledStore {
         node: &NodeId,
         now_unix_ms: i64,
     ) -> Result<Result<crate::enroll::token::JoinTokenRecord, crate::enroll::token::Refusal>, StoreError> {
+        let _gate = self.writing();
         // Compare-and-swap until no other spend came in between: two agents
         // racing for the last use cannot both get it.
         loop {
@@ -347,6 +426,7 @@ impl Store for SledStore {
     }
 
     fn commit_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        let _gate = self.writing();
         self.nodes.insert(node.id.as_str().as_bytes(), codec::encode(node)?).map_err(sled_err("write node"))?;
         self.db.flush().map_err(sled_err("flush node"))?;
         Ok(())
@@ -408,6 +488,7 @@ impl Store for SledStore {
     }
 
     fn append_audit(&self, entry: crate::audit::AuditEntry) -> Result<crate::audit::AuditRecord, StoreError> {
+        let _gate = self.writing();
         let _guard = self.audit_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let last: Option<crate::audit::AuditRecord> = match self.audit.last().map_err(sled_err("read audit head"))? {
             Some((k, v)) => Some(codec::decode(&k, &v)?),

@@ -123,14 +123,17 @@ pub async fn operate(
     request: Request<pb::OperateRolloutRequest>,
 ) -> Result<Response<pb::OperateRolloutResponse>, Status> {
     let actor = actor_for_action(&request)?;
-    let req = request.into_inner();
-    let op = match pb::RolloutOperation::try_from(req.operation) {
+    let op = match pb::RolloutOperation::try_from(request.get_ref().operation) {
         Ok(pb::RolloutOperation::Pause) => Operation::Pause,
         Ok(pb::RolloutOperation::Resume) => Operation::Resume,
         Ok(pb::RolloutOperation::Abort) => Operation::Abort,
         Ok(pb::RolloutOperation::Undo) => Operation::Undo,
         _ => return Err(Status::invalid_argument("operation must be pause, resume, abort or undo")),
     };
+    let name = request.get_ref().name.clone();
+    let summary = format!("{} of deployment {name}'s rollout", op.as_str());
+    super::approvals::hold(ctx, &request, "OperateRollout", op.as_str(), &name, summary).await?;
+    let req = request.into_inner();
     audit(ctx, &actor, &format!("rollout.{}", op.as_str()), &req.name, serde_json::json!({})).await?;
     let message = ctx.rollouts.operate(req.name.clone(), op, actor).await?;
     let name = req.name.clone();

@@ -33,7 +33,7 @@ pub async fn revoke(
 ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
     let actor = actor_for_action(&request)?;
     tracing::Span::current().record("caller", actor.as_str());
-    let req = request.into_inner();
+    let req = request.get_ref();
     let node = NodeId::new(req.node_id.clone())
         .map_err(|e| Status::invalid_argument(format!("node id {:?}: {e}", req.node_id)))?;
     tracing::Span::current().record("node_id", node.as_str());
@@ -52,6 +52,8 @@ pub async fn revoke(
     if let Some(earlier) = ctx.registry.revocation(&node) {
         return Ok(Response::new(to_wire(earlier, false, true)));
     }
+    let summary = format!("revocation of node {node} ({reason})");
+    super::approvals::hold(ctx, &request, "RevokeNode", "revoke", node.as_str(), summary).await?;
     let serials: Vec<String> = ctx.registry.session(&node).and_then(|s| s.cert_serial).into_iter().collect();
     let revocation = Revocation {
         node: node.clone(),

@@ -31,6 +31,16 @@ pub async fn audit(
     blocking("writing the audit log", move || store.append_audit(entry)).await.map(|_| ())
 }
 
+/// A command in words for the two-person rule, e.g. "stop of container vllm-a".
+fn describe(command: &Command) -> String {
+    match command {
+        Command::Stop { container, .. } => format!("stop of container {container}"),
+        Command::Restart { container, .. } => format!("restart of container {container}"),
+        Command::Drain { container, .. } => format!("drain of container {container}"),
+        other => other.name().to_owned(),
+    }
+}
+
 fn wire_status(s: CommandStatus) -> pb::CommandStatus {
     match s {
         CommandStatus::Succeeded => pb::CommandStatus::Succeeded,
@@ -44,10 +54,13 @@ pub async fn exec(
     request: Request<pb::ExecCommandRequest>,
 ) -> Result<Response<pb::ExecCommandResponse>, Status> {
     let actor = actor_for_action(&request)?;
-    let req = request.into_inner();
+    let req = request.get_ref();
     let node = NodeId::new(req.node_id.clone())
         .map_err(|e| Status::invalid_argument(format!("node id {:?}: {e}", req.node_id)))?;
     let command = Command::parse(&req.command, &req.args, &req.spec_yaml).map_err(Status::invalid_argument)?;
+    let summary = format!("{} on node {node}", describe(&command));
+    super::approvals::hold(ctx, &request, "ExecCommand", command.name(), node.as_str(), summary).await?;
+    let req = request.into_inner();
     if ctx.registry.session(&node).is_none() {
         return Err(Status::failed_precondition(format!(
             "node {node} is not connected; `flotctl nodes ls` shows its state"
