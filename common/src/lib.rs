@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod envelope;
+pub mod health;
 pub mod identity;
 pub mod ids;
 pub mod logging;

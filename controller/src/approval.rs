@@ -302,14 +302,18 @@ mod tests {
             Err(Refusal::NotPending { state: "running", .. })
         ));
         let done = finish(&approved, Ok(vec![9]), 4_000);
-        assert_eq!((done.state, done.response.as_slice(), done.finished_unix_ms), (ApprovalState::Succeeded, &[9][..], 4_000));
+        assert_eq!(
+            (done.state, done.response.as_slice(), done.finished_unix_ms),
+            (ApprovalState::Succeeded, &[9][..], 4_000)
+        );
         let failed = finish(&approved, Err((9, "node is not connected".into())), 4_000);
         assert_eq!((failed.state, failed.error_code), (ApprovalState::Failed, 9));
     }
 
     #[test]
     fn policy_names_only_holdable_verbs() {
-        let mut policy = ApprovalPolicy { require: vec!["stop".into(), "undo".into(), "revoke".into()], ..Default::default() };
+        let mut policy =
+            ApprovalPolicy { require: vec!["stop".into(), "undo".into(), "revoke".into()], ..Default::default() };
         assert!(policy.validate().is_ok());
         assert!(policy.holds("undo") && !policy.holds("drain"));
         policy.require.push("logs".into());

@@ -67,7 +67,9 @@ enum Offline {
     },
 }
 
-/// Runs an offline subcommand, printing what it did.
+/// Runs an offline subcommand, printing what it did (to the terminal that ran
+/// it: no daemon, no log).
+#[allow(clippy::print_stdout, clippy::print_stderr)]
 fn offline(command: Offline) -> ExitCode {
     use flotilla_controller::store::backup;
     let (result, verb) = match &command {

@@ -4,8 +4,8 @@
 //! Architecture Invariant: anything acknowledged to an agent or operator has been
 //! flushed to disk by a `commit_*` method first.
 
-pub(crate) mod codec;
 pub mod backup;
+pub(crate) mod codec;
 mod keys;
 mod sled_store;
 
@@ -54,6 +54,9 @@ pub enum StoreError {
     #[error("store: corrupt value under {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
+
+/// What [`Store::scan_trees`] calls per entry: tree name, key, value.
+pub type EntryVisitor<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<(), StoreError> + 'a;
 
 /// The outcome of committing one telemetry batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,12 +156,7 @@ pub trait Store: Send + Sync + 'static {
     /// Calls `each(tree, key, value)` for every entry of `trees`, tree by tree
     /// in key order. With `consistent`, writes to the state trees wait until it
     /// returns, so what it sees is one moment (keep `each` quick then).
-    fn scan_trees(
-        &self,
-        trees: &[&str],
-        consistent: bool,
-        each: &mut dyn FnMut(&str, &[u8], &[u8]) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError>;
+    fn scan_trees(&self, trees: &[&str], consistent: bool, each: &mut EntryVisitor<'_>) -> Result<(), StoreError>;
     /// Writes (flushed) a held action of the two-person rule.
     fn commit_approval(&self, approval: &crate::approval::ApprovalRecord) -> Result<(), StoreError>;
     /// Replaces `old` with `new` only if the stored record is still `old`

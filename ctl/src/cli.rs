@@ -14,8 +14,23 @@ pub struct Cli {
     /// flotctl config file with named contexts [default: $XDG_CONFIG_HOME/flotilla/config.toml].
     #[arg(long, global = true, env = "FLOTCTL_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Colour tables: auto (only on a terminal, and not when NO_COLOR is set), always or never.
+    #[arg(long, global = true, value_enum, default_value_t, value_name = "WHEN")]
+    pub color: ColorChoice,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// When tables are coloured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ColorChoice {
+    /// On a terminal, unless the NO_COLOR environment variable is set (and not empty).
+    #[default]
+    Auto,
+    /// Always, even through a pipe and with NO_COLOR set.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// How to reach the controller; each flag overrides the current context.
@@ -44,6 +59,8 @@ pub enum Format {
     /// A table for people.
     #[default]
     Table,
+    /// A table with more columns (e.g. nodes: GPU model, driver, agent, address, labels).
+    Wide,
     /// JSON for scripts.
     Json,
     /// YAML for people who prefer it.
@@ -97,6 +114,54 @@ pub enum Command {
     Capacity(CapacityCmd),
     /// Run the troubleshooting guide against a node's or deployment's live data.
     Diagnose(DiagnoseArgs),
+    /// A live dashboard of the fleet in the terminal: nodes, GPUs, tokens/s, alerts.
+    Top(TopArgs),
+    /// Approve (or reject) an action held by the two-person rule: `flotctl approve ID`.
+    Approve(ApproveArgs),
+    /// Actions held by the two-person rule, waiting for a second admin.
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
+    /// Backups of the controller's store (admin).
+    #[command(subcommand)]
+    Backup(BackupCmd),
+    /// flotctl's version and the controller's, with a warning when they differ.
+    Version(VersionArgs),
+    /// Print a shell completion script, e.g. `source <(flotctl completion bash)`; with --dir,
+    /// write those for bash, zsh and fish (for packagers; no controller needed).
+    Completion(CompletionArgs),
+    /// Write a man page for flotctl and each of its commands into a directory.
+    Man(ManArgs),
+}
+
+/// The arguments of `completion`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionArgs {
+    /// The shell to complete for.
+    #[arg(value_enum, required_unless_present = "dir", conflicts_with = "dir")]
+    pub shell: Option<clap_complete::Shell>,
+    /// Write flotctl.bash, _flotctl (zsh) and flotctl.fish into this directory (created if missing).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// The arguments of `man`.
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Directory to write the pages into (created if missing), e.g. /usr/local/share/man/man1.
+    #[arg(long)]
+    pub dir: PathBuf,
+}
+
+/// `--watch` and `--interval` of a list command.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct WatchArgs {
+    /// Re-run the list every --interval and print it again until Ctrl-C: redrawn in place on a
+    /// terminal, frames separated by a blank line when piped, one JSON document a line with -o json.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    /// With --watch: how often to list, e.g. 5s or 500ms (at least 100ms).
+    #[arg(long, default_value = "2s", value_parser = parse_interval, requires = "watch")]
+    pub interval: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +187,8 @@ pub enum DeployCmd {
     Ls {
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Format,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// A deployment's revisions and rollouts, oldest first.
     History {
@@ -196,6 +263,8 @@ pub enum AlertsCmd {
         state: Option<AlertStateArg>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Format,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// Acknowledge an alert: a critical alert stops re-notifying until it fires again.
     Ack {
@@ -310,6 +379,8 @@ pub enum TokenCmd {
     Ls {
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Format,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
 }
 
@@ -352,10 +423,12 @@ pub enum SimCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum NodesCmd {
-    /// List every node with its state and GPU summary.
+    /// List every node with its state and GPU summary (-o wide: GPU model, driver, agent, address, labels).
     Ls {
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Format,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// Show one node: inventory and per-GPU latest values.
     Show {
@@ -609,6 +682,14 @@ pub struct DiagnoseArgs {
     pub output: Format,
 }
 
+/// The arguments of `top`.
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    /// How often to list nodes and alerts, e.g. 2s or 500ms (telemetry streams in as it comes).
+    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    pub refresh: std::time::Duration,
+}
+
 /// A measurement window of at least a second; 0 would mean the controller's default,
 /// which nobody typing a window means. The controller enforces its own bounds.
 fn parse_window(s: &str) -> Result<std::time::Duration, String> {
@@ -635,4 +716,62 @@ mod tests {
     fn the_grammar_is_consistent() {
         super::Cli::command().debug_assert();
     }
+}
+
+/// The arguments of `approve`.
+#[derive(Debug, Clone, Args)]
+pub struct ApproveArgs {
+    /// The approval id, from the held command's message or `flotctl approvals ls`.
+    pub id: String,
+    /// Reject it instead (an admin, or its requester withdrawing it); needs --reason.
+    #[arg(long)]
+    pub reject: bool,
+    /// Why: required to reject, recorded in the audit log either way.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Return once decided, without waiting for the approved action to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCmd {
+    /// Pending and running approvals (with --all, the decided ones too).
+    Ls {
+        #[arg(long)]
+        all: bool,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// One approval, with its decision and outcome.
+    Show {
+        id: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCmd {
+    /// Stream a consistent snapshot of the controller's store into FILE (written
+    /// 0600: it holds the command-signing key), checking its SHA-256.
+    Create {
+        /// Where to write the backup; refused if it exists.
+        file: PathBuf,
+        /// Also raw telemetry and rollups (large; copied after the state).
+        #[arg(long)]
+        telemetry: bool,
+    },
+}
+
+/// The arguments of `version`.
+#[derive(Debug, Clone, Args)]
+pub struct VersionArgs {
+    /// Only flotctl's own version; do not ask the controller.
+    #[arg(long)]
+    pub client: bool,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
 }

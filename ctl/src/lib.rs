@@ -4,6 +4,7 @@
 // flotctl's job is to print results for people and scripts.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod approval;
 pub mod cli;
 pub mod client;
 pub mod cmd;

@@ -1,30 +1,82 @@
 //! Output for people (tables) and scripts (JSON, YAML), and the views that
-//! flotctl prints: stable field names, units in the names.
+//! flotctl prints: stable field names, units in the names. Tables are coloured
+//! only when [`style`] says so; list commands run once or watched ([`watch`]).
+
+mod style;
+mod watch;
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 
-use comfy_table::{Table, presets::NOTHING};
+use comfy_table::Table;
 use flotilla_proto::pb;
 use serde::Serialize;
 
+pub use self::style::{cell_colored_by, init as init_color, state_cell};
+pub use self::watch::list;
 use crate::cli::Format;
 
-/// Prints `value` as JSON or YAML, or calls `table` for the table format.
-pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
-    match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Format::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
-        Format::Table => println!("{}", table(value)),
-    }
-    Ok(())
+/// How many columns a table shows: `-o wide` asks for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    Normal,
+    Wide,
 }
 
-/// A plain, borderless table with the given header.
+impl Columns {
+    /// The columns of a table `format`; only `wide` widens.
+    pub fn of(format: Format) -> Self {
+        if format == Format::Wide { Columns::Wide } else { Columns::Normal }
+    }
+}
+
+/// Prints `value` as JSON or YAML, or calls `table` for the table formats (`wide`
+/// included: commands without a wide view print their one table).
+pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    let text = match format {
+        Format::Json => format!("{}\n", serde_json::to_string_pretty(value)?),
+        Format::Yaml => serde_yaml_ng::to_string(value)?,
+        Format::Table | Format::Wide => format!("{}\n", table(value)),
+    };
+    write_stdout(&text)
+}
+
+/// Prints a list: like [`print`], with a table that knows `-o wide`.
+pub fn print_list<T: Serialize>(
+    format: Format,
+    value: &T,
+    table: impl Fn(&T, Columns) -> String,
+) -> anyhow::Result<()> {
+    print(format, value, |v| table(v, Columns::of(format)))
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head -1`) ends the output, not flotctl.
+pub(crate) fn write_stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(error) if reader_gone(&error) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Whether writing failed because the reader went away.
+fn reader_gone(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::BrokenPipe
+}
+
+/// A plain, borderless table with the given header, coloured when this run colours.
 pub fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(NOTHING);
-    t.set_header(header.iter().map(|h| h.to_owned()));
-    t
+    style::styled_table(header, style::enabled())
+}
+
+/// `2023-11-14T22:13:20Z`, or `-` for no time.
+pub fn rfc3339(unix_ms: i64) -> String {
+    match u64::try_from(unix_ms) {
+        Ok(ms) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+        }
+        Err(_) => "-".to_owned(),
+    }
 }
 
 /// One node as flotctl shows it.
@@ -224,8 +276,8 @@ impl NodeView {
             state_reason: node.state_reason,
             hostname: inv.hostname,
             gpu_source: inv.gpu_source,
-            gpu_memory_used_bytes: gpus.iter().filter_map(|g| g.memory_used_bytes).sum(),
-            gpu_memory_total_bytes: gpus.iter().map(|g| g.memory_total_bytes).sum(),
+            gpu_memory_used_bytes: gpus.iter().filter_map(|g| g.memory_used_bytes).fold(0, u64::saturating_add),
+            gpu_memory_total_bytes: gpus.iter().map(|g| g.memory_total_bytes).fold(0, u64::saturating_add),
             gpus,
             mean_gpu_utilization_ratio: mean,
             max_gpu_temperature_celsius: max_temp,

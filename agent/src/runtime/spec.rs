@@ -6,7 +6,6 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
 
 use flotilla_common::model::GpuInfo;
 use serde::{Deserialize, Serialize};
@@ -375,62 +374,7 @@ impl From<RestartPolicy> for String {
     }
 }
 
-/// The engine's health check: exactly one of `command`, `shell` or `http`, run
-/// inside the container every `interval`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthCheck {
-    /// A program and its arguments, run without a shell (`CMD`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command: Option<Vec<String>>,
-    /// A shell command line (`CMD-SHELL`); needs `/bin/sh` in the image.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shell: Option<String>,
-    /// An HTTP GET on loopback inside the container; rendered as a shell line that
-    /// tries `curl`, then `wget`, then `python3`, so the image needs `/bin/sh` and
-    /// one of them (model-server images have at least Python).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpProbe>,
-    /// Time between checks.
-    #[serde(with = "humantime_serde", default = "default_interval")]
-    pub interval: Duration,
-    /// How long one check may take.
-    #[serde(with = "humantime_serde", default = "default_timeout")]
-    pub timeout: Duration,
-    /// Consecutive failures before the container is unhealthy.
-    #[serde(default = "default_retries")]
-    pub retries: u32,
-    /// Failures during this time after start do not count (model loading).
-    #[serde(with = "humantime_serde", default)]
-    pub start_period: Duration,
-}
-
-fn default_interval() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-
-fn default_retries() -> u32 {
-    3
-}
-
-/// An HTTP health probe against the container's own port.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpProbe {
-    /// The port inside the container.
-    pub port: u32,
-    /// The path, e.g. `/health`.
-    #[serde(default = "default_path")]
-    pub path: String,
-}
-
-fn default_path() -> String {
-    "/health".to_owned()
-}
+pub use flotilla_common::health::{HealthCheck, HttpProbe};
 
 #[cfg(test)]
 mod tests {
@@ -469,7 +413,7 @@ mod tests {
         assert_eq!(spec.gpus, vec![GpuRef::Index(0), GpuRef::Index(1), GpuRef::Uuid("GPU-abc".into())]);
         assert_eq!(spec.shm_size, Some(ByteSize(1 << 30)));
         let health = spec.health.as_ref().unwrap();
-        assert_eq!((health.interval, health.retries), (Duration::from_secs(10), 3));
+        assert_eq!((health.interval, health.retries), (std::time::Duration::from_secs(10), 3));
         assert_eq!(health.http.as_ref().unwrap().path, "/health");
         assert_eq!(spec.restart, RestartPolicy::No);
         assert_eq!(spec.container_name(), "m-1");

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Component, Path};
-use std::time::Duration;
 
 use flotilla_common::model::GpuInfo;
 
@@ -206,42 +205,7 @@ fn check_gpus(wanted: &[GpuRef], host: &[GpuInfo]) -> Result<(), SpecError> {
 }
 
 fn check_health(h: &HealthCheck) -> Result<(), SpecError> {
-    let bad = |reason: String| Err(SpecError::BadHealthCheck { reason });
-    let kinds = usize::from(h.command.is_some()) + usize::from(h.shell.is_some()) + usize::from(h.http.is_some());
-    if kinds != 1 {
-        return bad(format!("set exactly one of command, shell or http (found {kinds})"));
-    }
-    if h.command.as_ref().is_some_and(|c| c.first().is_none_or(String::is_empty)) {
-        return bad("command must name a program".into());
-    }
-    if h.shell.as_ref().is_some_and(|s| s.trim().is_empty()) {
-        return bad("shell must not be empty".into());
-    }
-    if let Some(http) = &h.http {
-        port_in_range("health.http.port".into(), http.port)?;
-        // The path is pasted into a shell line, so only URL characters that mean
-        // nothing to the shell are allowed.
-        let safe = |c: char| c.is_ascii_alphanumeric() || "-._~/%=:,+@".contains(c);
-        if !http.path.starts_with('/') || !http.path.chars().all(safe) {
-            return bad(format!(
-                "http.path {:?} must start with '/' and use only letters, digits and -._~/%=:,+@",
-                http.path
-            ));
-        }
-    }
-    // The engine's own floor; below it the create request is refused.
-    let floor = Duration::from_millis(1);
-    for (name, value, zero_ok) in
-        [("interval", h.interval, false), ("timeout", h.timeout, false), ("start_period", h.start_period, true)]
-    {
-        if value < floor && !(zero_ok && value.is_zero()) {
-            return bad(format!("{name} must be at least 1ms"));
-        }
-    }
-    if h.retries == 0 {
-        return bad("retries must be at least 1".into());
-    }
-    Ok(())
+    h.check().map_err(|reason| SpecError::BadHealthCheck { reason })
 }
 
 #[cfg(test)]

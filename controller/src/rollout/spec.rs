@@ -400,6 +400,16 @@ impl DeploymentSpec {
         {
             bad.push(format!("runtime.engine {engine:?}: use vllm, sglang, tgi or llamacpp"));
         }
+        // Checked here with the agent's own rules, so a bad health block is refused
+        // at apply instead of failing the rollout's first start step.
+        if let Some(JsonValue(health)) = &self.runtime.health {
+            let checked = serde_json::from_value::<flotilla_common::health::HealthCheck>(health.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|h| h.check());
+            if let Err(reason) = checked {
+                bad.push(format!("runtime.health: {reason}"));
+            }
+        }
         for key in self.runtime.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 bad.push(format!("runtime.env: {key:?} is not a variable name"));
@@ -551,6 +561,21 @@ mod tests {
         let pinned = format!("registry.example:5000/vllm/vllm-openai:v0.8.5@sha256:{}", "a".repeat(64));
         let text = MINIMAL.replace("vllm:1", &pinned);
         assert!(DeploymentSpec::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn a_health_check_the_agents_would_refuse_is_refused_here() {
+        let with = |health: &str| MINIMAL.replace("gpus: 1 }", &format!("gpus: 1, health: {health} }}"));
+        for (health, why) in [
+            ("{}", "found 0"),
+            ("{ http: { port: 8000, path: '/x; reboot' } }", "http.path"),
+            ("{ shell: x, retries: 0 }", "retries"),
+            ("{ shell: x, every: 1s }", "unknown field"),
+        ] {
+            let err = DeploymentSpec::parse(&with(health)).unwrap_err().to_string();
+            assert!(err.contains("runtime.health") && err.contains(why), "{health}: {err}");
+        }
+        assert!(DeploymentSpec::parse(&with("{ http: { port: 8000, path: /health }, interval: 2s }")).is_ok());
     }
 
     #[test]

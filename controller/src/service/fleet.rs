@@ -16,8 +16,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 mod alerts;
-mod backup;
 mod approvals;
+mod backup;
 mod capacity;
 mod deploy;
 mod nodes;

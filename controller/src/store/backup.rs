@@ -78,7 +78,9 @@ pub enum BackupError {
     },
     #[error("not a Flotilla backup (it does not start with FLOTILLA-BACKUP)")]
     NotABackup,
-    #[error("backup format {0} is newer than this controller reads ({FORMAT}): restore with a newer flotilla-controller")]
+    #[error(
+        "backup format {0} is newer than this controller reads ({FORMAT}): restore with a newer flotilla-controller"
+    )]
     FormatTooNew(u32),
     #[error(
         "the backup's store schema {found} is newer than this controller understands ({supported}): restore with a newer flotilla-controller"
@@ -86,7 +88,9 @@ pub enum BackupError {
     SchemaTooNew { found: u32, supported: u32 },
     #[error("the backup is damaged at byte {at}: {reason}")]
     Damaged { at: u64, reason: String },
-    #[error("the backup's checksum does not match (stored {stored}, computed {computed}): the file is damaged or incomplete")]
+    #[error(
+        "the backup's checksum does not match (stored {stored}, computed {computed}): the file is damaged or incomplete"
+    )]
     Checksum { stored: String, computed: String },
     #[error(
         "{path} already holds a store: restore into an empty data dir, then point the controller at it (nothing was changed)"
@@ -302,7 +306,8 @@ impl<R: Read> Reader<R> {
 }
 
 fn open(path: &Path) -> Result<Reader<BufReader<std::fs::File>>, BackupError> {
-    let file = std::fs::File::open(path).map_err(|source| BackupError::Io { path: path.display().to_string(), source })?;
+    let file =
+        std::fs::File::open(path).map_err(|source| BackupError::Io { path: path.display().to_string(), source })?;
     Ok(Reader { input: BufReader::with_capacity(1 << 20, file), hash: Sha256::new(), at: 0 })
 }
 

@@ -6,7 +6,7 @@ use flotilla_common::NodeId;
 use flotilla_common::model::TelemetryBatch;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::{AlertChanges, Committed, NodeRecord, SCHEMA_VERSION, Store, StoreError, codec, keys};
+use super::{AlertChanges, Committed, EntryVisitor, NodeRecord, SCHEMA_VERSION, Store, StoreError, codec, keys};
 use crate::alert::state::{AlertEvent, AlertRecord, Silence};
 use crate::rollup::{Aggregate, MinuteRollup, SeriesKey, minute_of};
 
@@ -324,12 +324,7 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn scan_trees(
-        &self,
-        trees: &[&str],
-        consistent: bool,
-        each: &mut dyn FnMut(&str, &[u8], &[u8]) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    fn scan_trees(&self, trees: &[&str], consistent: bool, each: &mut EntryVisitor<'_>) -> Result<(), StoreError> {
         let _gate = consistent.then(|| self.write_gate.write().unwrap_or_else(std::sync::PoisonError::into_inner));
         for name in trees {
             for item in self.tree_named(name)?.iter() {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context as _;
+use comfy_table::Cell;
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::pb;
 use serde::Serialize;
@@ -11,7 +12,7 @@ use serde::Serialize;
 use crate::cli::{AlertStateArg, AlertsCmd, RulesCmd};
 use crate::client::{call, connect};
 use crate::context::Connection;
-use crate::output;
+use crate::output::{self, Columns, state_cell};
 
 /// One alert as `-o json` prints it.
 #[derive(Debug, Serialize)]
@@ -144,48 +145,72 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
+/// `alerts ls`; `-o wide` adds every label, the annotations, the rule and the silences.
+fn ls_table(rows: &[AlertRow], columns: Columns, now: i64) -> String {
+    if rows.is_empty() {
+        return "no alerts".to_owned();
+    }
+    let mut header = vec!["ID", "ALERT", "STATE", "SINCE", "SEVERITY", "LABELS", "VALUE", "NOTES"];
+    if columns == Columns::Wide {
+        header.extend(["ANNOTATIONS", "RULE", "ACTIVE SINCE", "SILENCED BY"]);
+    }
+    let mut t = output::table(&header);
+    for r in rows {
+        let mut notes = Vec::new();
+        if let Some(by) = &r.acked_by {
+            notes.push(format!("acked by {by}"));
+        }
+        if !r.silenced_by.is_empty() {
+            notes.push("silenced".to_owned());
+        }
+        if r.inhibited {
+            notes.push("inhibited (node down)".to_owned());
+        }
+        let severity = r.labels.get("severity").map_or("", String::as_str);
+        let mut row = vec![
+            Cell::new(&r.id),
+            Cell::new(&r.name),
+            state_cell(r.state),
+            Cell::new(output::ago(r.since, now)),
+            state_cell(severity),
+            Cell::new(labels_text(&r.labels)),
+            Cell::new(output::number(Some(r.value))),
+            Cell::new(notes.join("; ")),
+        ];
+        if columns == Columns::Wide {
+            let annotations: Vec<String> = r.annotations.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
+            row.extend([
+                Cell::new(dash(annotations.join("; "))),
+                Cell::new(dash(r.rule.clone())),
+                Cell::new(output::ago(r.active_since, now)),
+                Cell::new(dash(r.silenced_by.join(","))),
+            ]);
+        }
+        t.add_row(row);
+    }
+    t.to_string()
+}
+
 pub async fn run(cmd: AlertsCmd, conn: &Connection) -> anyhow::Result<()> {
     let mut client = connect(conn).await?;
     match cmd {
-        AlertsCmd::Ls { state, output } => {
+        AlertsCmd::Ls { state, output, watch } => {
             let state = match state {
                 None => pb::AlertState::Unspecified,
                 Some(AlertStateArg::Pending) => pb::AlertState::Pending,
                 Some(AlertStateArg::Firing) => pb::AlertState::Firing,
                 Some(AlertStateArg::Resolved) => pb::AlertState::Resolved,
             };
-            let resp = call("list alerts", client.list_alerts(pb::ListAlertsRequest { state: state.into() }).await)?;
-            let rows: Vec<AlertRow> = resp.alerts.into_iter().map(AlertRow::from_wire).collect();
-            let now = now_unix_ms();
-            output::print(output, &rows, |rows| {
-                if rows.is_empty() {
-                    return "no alerts".to_owned();
+            let fetch = || {
+                let mut client = client.clone();
+                async move {
+                    let resp = client.list_alerts(pb::ListAlertsRequest { state: state.into() }).await?.into_inner();
+                    Ok(resp.alerts.into_iter().map(AlertRow::from_wire).collect::<Vec<_>>())
                 }
-                let mut t = output::table(&["ID", "ALERT", "STATE", "SINCE", "SEVERITY", "LABELS", "VALUE", "NOTES"]);
-                for r in rows {
-                    let mut notes = Vec::new();
-                    if let Some(by) = &r.acked_by {
-                        notes.push(format!("acked by {by}"));
-                    }
-                    if !r.silenced_by.is_empty() {
-                        notes.push("silenced".to_owned());
-                    }
-                    if r.inhibited {
-                        notes.push("inhibited (node down)".to_owned());
-                    }
-                    t.add_row(vec![
-                        r.id.clone(),
-                        r.name.clone(),
-                        r.state.to_owned(),
-                        output::ago(r.since, now),
-                        r.labels.get("severity").cloned().unwrap_or_default(),
-                        labels_text(&r.labels),
-                        output::number(Some(r.value)),
-                        notes.join("; "),
-                    ]);
-                }
-                t.to_string()
-            })
+            };
+            output::list("list alerts", output, watch, fetch, |rows, columns| ls_table(rows, columns, now_unix_ms()))
+                .await
         }
         AlertsCmd::Ack { id, comment } => {
             let resp = call("acknowledge alert", client.ack_alert(pb::AckAlertRequest { id, comment }).await)?;
@@ -356,5 +381,51 @@ pub async fn rules(cmd: RulesCmd, conn: &Connection) -> anyhow::Result<()> {
             println!("reloaded {}: {} groups, {} rules", resp.source, resp.groups, resp.rules);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert() -> pb::Alert {
+        pb::Alert {
+            id: "76e7d434".into(),
+            name: "GPUHot".into(),
+            state: pb::AlertState::Firing.into(),
+            labels: [("alertname", "GPUHot"), ("severity", "critical"), ("node", "gpu-a")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            annotations: [("summary".to_owned(), "GPU 0 at 91°C".to_owned())].into_iter().collect(),
+            value: 91.0,
+            active_since_unix_ms: 1_000,
+            firing_since_unix_ms: 61_000,
+            rule: "gpu/GPUHot".into(),
+            silenced_by: vec!["s1".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn wide_adds_annotations_the_rule_and_the_silences() {
+        let rows = [AlertRow::from_wire(alert())];
+        let plain = ls_table(&rows, Columns::Normal, 121_000);
+        assert!(plain.contains("firing") && plain.contains("node=gpu-a,severity=critical"), "{plain}");
+        assert!(!plain.contains("summary=") && !plain.contains("gpu/GPUHot"), "{plain}");
+        let wide = ls_table(&rows, Columns::Wide, 121_000);
+        for want in ["ANNOTATIONS", "summary=GPU 0 at 91°C", "gpu/GPUHot", "2m ago", "s1"] {
+            assert!(wide.contains(want), "{want} missing from\n{wide}");
+        }
+        assert_eq!(ls_table(&[], Columns::Wide, 0), "no alerts");
+    }
+
+    #[test]
+    fn the_listed_json_keeps_its_fields() {
+        let json = serde_json::to_value(AlertRow::from_wire(alert())).unwrap();
+        for key in ["id", "name", "state", "labels", "annotations", "value", "since", "acked", "silenced_by", "rule"] {
+            assert!(json.get(key).is_some(), "{key} missing: `alerts ls -o json` is a public interface");
+        }
+        assert_eq!(json["since"], 61_000, "firing: since it fired");
     }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::cli::AuditCmd;
 use crate::client::{call, connect};
 use crate::context::Connection;
-use crate::output;
+use crate::output::{self, Columns};
 
 #[derive(Debug, Serialize)]
 struct Row {
@@ -39,21 +39,7 @@ pub async fn run(cmd: AuditCmd, conn: &Connection) -> anyhow::Result<()> {
                     hash: r.hash,
                 })
                 .collect();
-            let now = now_unix_ms();
-            output::print(output, &rows, |rows| {
-                let mut t = output::table(&["SEQ", "WHEN", "ACTOR", "ACTION", "TARGET", "DETAIL"]);
-                for r in rows {
-                    t.add_row(vec![
-                        r.seq.to_string(),
-                        output::ago(r.at_unix_ms, now),
-                        r.actor.clone(),
-                        r.action.clone(),
-                        r.target.clone(),
-                        r.detail.to_string(),
-                    ]);
-                }
-                t.to_string()
-            })
+            output::print_list(output, &rows, |rows, columns| ls_table(rows, columns, now_unix_ms()))
         }
         AuditCmd::Verify => {
             let resp = call("verify audit", client.verify_audit(pb::VerifyAuditRequest {}).await)?;
@@ -69,5 +55,51 @@ pub async fn run(cmd: AuditCmd, conn: &Connection) -> anyhow::Result<()> {
                 ))
             }
         }
+    }
+}
+
+/// `audit ls`; `-o wide` adds the exact time and each record's chain hash.
+fn ls_table(rows: &[Row], columns: Columns, now: i64) -> String {
+    let mut header = vec!["SEQ", "WHEN", "ACTOR", "ACTION", "TARGET", "DETAIL"];
+    if columns == Columns::Wide {
+        header.extend(["AT", "HASH"]);
+    }
+    let mut t = output::table(&header);
+    for r in rows {
+        let mut row = vec![
+            r.seq.to_string(),
+            output::ago(r.at_unix_ms, now),
+            r.actor.clone(),
+            r.action.clone(),
+            r.target.clone(),
+            r.detail.to_string(),
+        ];
+        if columns == Columns::Wide {
+            row.extend([output::rfc3339(r.at_unix_ms), r.hash.clone()]);
+        }
+        t.add_row(row);
+    }
+    t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wide_adds_the_exact_time_and_the_chain_hash() {
+        let rows = [Row {
+            seq: 7,
+            at_unix_ms: 1_700_000_000_000,
+            actor: "operator root (admin)".into(),
+            action: "node.revoke".into(),
+            target: "gpu-a".into(),
+            detail: serde_json::json!({"reason": "stolen"}),
+            hash: "3b2c2d38".into(),
+        }];
+        let plain = ls_table(&rows, Columns::Normal, 1_700_000_060_000);
+        assert!(plain.contains("1m ago") && !plain.contains("3b2c2d38"), "{plain}");
+        let wide = ls_table(&rows, Columns::Wide, 1_700_000_060_000);
+        assert!(wide.contains("2023-11-14T22:13:20Z") && wide.contains("3b2c2d38"), "{wide}");
     }
 }

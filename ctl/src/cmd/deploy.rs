@@ -5,14 +5,15 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::Context as _;
+use comfy_table::Cell;
 use flotilla_proto::pb;
 use serde::Serialize;
 
-use super::rollout::{PlanView, ReplicaView, RolloutView, non_empty, time_text};
+use super::rollout::{PlanView, ReplicaView, RolloutView, non_empty, time_text, weights_text};
 use crate::cli::DeployCmd;
 use crate::client::{call, connect};
 use crate::context::Connection;
-use crate::output;
+use crate::output::{self, Columns};
 
 /// The answer to `deploy apply` or `deploy plan` as `-o json` prints it.
 #[derive(Debug, Serialize)]
@@ -111,11 +112,15 @@ fn revision_text(n: u32) -> String {
     if n == 0 { "-".to_owned() } else { n.to_string() }
 }
 
-fn ls_table(rows: &[DeploymentView]) -> String {
+fn ls_table(rows: &[DeploymentView], columns: Columns) -> String {
     if rows.is_empty() {
         return "no deployments (flotctl deploy apply -f SPEC)".to_owned();
     }
-    let mut t = output::table(&["NAME", "MODEL", "ACTIVE", "LATEST", "REPLICAS", "ROLLOUT", "IMAGE"]);
+    let mut header = vec!["NAME", "MODEL", "ACTIVE", "LATEST", "REPLICAS", "ROLLOUT", "IMAGE"];
+    if columns == Columns::Wide {
+        header.extend(["SERVERS", "GATEWAY WEIGHTS", "ROLLOUT REVISIONS", "STARTED BY"]);
+    }
+    let mut t = output::table(&header);
     for d in rows {
         let rollout = d.rollout.as_ref().map_or_else(
             || "-".to_owned(),
@@ -127,17 +132,39 @@ fn ls_table(rows: &[DeploymentView]) -> String {
                 }
             },
         );
-        t.add_row(vec![
-            d.name.clone(),
-            d.model.clone(),
-            revision_text(d.active_revision),
-            revision_text(d.latest_revision),
-            replicas_text(&d.replicas),
-            rollout,
-            d.image.clone(),
-        ]);
+        let state = d.rollout.as_ref().map_or("", |r| r.state.as_str());
+        let mut row = vec![
+            Cell::new(&d.name),
+            Cell::new(&d.model),
+            Cell::new(revision_text(d.active_revision)),
+            Cell::new(revision_text(d.latest_revision)),
+            Cell::new(replicas_text(&d.replicas)),
+            output::cell_colored_by(&rollout, state),
+            Cell::new(&d.image),
+        ];
+        if columns == Columns::Wide {
+            row.extend(wide_cells(d).map(Cell::new));
+        }
+        t.add_row(row);
     }
     t.to_string()
+}
+
+/// The extra columns of `deploy ls -o wide`: where the replicas serve, the gateway's
+/// weights and the latest rollout's revisions and author.
+fn wide_cells(d: &DeploymentView) -> [String; 4] {
+    let servers: Vec<String> = d
+        .replicas
+        .iter()
+        .map(|r| format!("{}={}", r.container, if r.server.is_empty() { "-" } else { &r.server }))
+        .collect();
+    let rollout = d.rollout.as_ref();
+    [
+        if servers.is_empty() { "-".to_owned() } else { servers.join(",") },
+        rollout.map_or_else(|| "-".to_owned(), |r| weights_text(&r.weights)),
+        rollout.map_or_else(|| "-".to_owned(), RolloutView::revisions_text),
+        rollout.map_or("-", |r| if r.started_by.is_empty() { "-" } else { r.started_by.as_str() }).to_owned(),
+    ]
 }
 
 /// One revision in `deploy history -o json`.
@@ -240,11 +267,16 @@ pub async fn run(cmd: DeployCmd, conn: &Connection) -> anyhow::Result<()> {
     match cmd {
         DeployCmd::Apply { file, output } => apply(&file, false, output, conn).await,
         DeployCmd::Plan { file, output } => apply(&file, true, output, conn).await,
-        DeployCmd::Ls { output } => {
-            let mut client = connect(conn).await?;
-            let resp = call("list deployments", client.list_deployments(pb::ListDeploymentsRequest {}).await)?;
-            let rows: Vec<DeploymentView> = resp.deployments.into_iter().map(DeploymentView::from_wire).collect();
-            output::print(output, &rows, |rows| ls_table(rows))
+        DeployCmd::Ls { output, watch } => {
+            let client = connect(conn).await?;
+            let fetch = || {
+                let mut client = client.clone();
+                async move {
+                    let resp = client.list_deployments(pb::ListDeploymentsRequest {}).await?.into_inner();
+                    Ok(resp.deployments.into_iter().map(DeploymentView::from_wire).collect::<Vec<_>>())
+                }
+            };
+            output::list("list deployments", output, watch, fetch, |rows, columns| ls_table(rows, columns)).await
         }
         DeployCmd::History { name, output } => {
             let mut client = connect(conn).await?;
@@ -357,9 +389,14 @@ mod tests {
             model: "llama-8b".into(),
             image: "vllm/vllm-openai:v0.8.5".into(),
         });
-        let text = ls_table(&[row]);
+        let text = ls_table(std::slice::from_ref(&row), Columns::Normal);
         for want in ["llama-8b", "3 (gpu-a,gpu-b)", "#5 progressing 1/2", "vllm/vllm-openai:v0.8.5"] {
             assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        assert!(!text.contains("gpu-a:8000"), "servers only in the wide table\n{text}");
+        let wide = ls_table(&[row], Columns::Wide);
+        for want in ["SERVERS", "llama-2=gpu-a:8000", "llama-1=gpu-b:8000", "GATEWAY WEIGHTS"] {
+            assert!(wide.contains(want), "{want} missing from\n{wide}");
         }
     }
 

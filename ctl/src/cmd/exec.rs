@@ -101,6 +101,7 @@ pub async fn run(args: ExecArgs, conn: &Connection) -> anyhow::Result<()> {
         while !stop_launching && running.len() < args.batch as usize {
             let Some(node) = queue.next() else { break };
             let mut client = client.clone();
+            let command = command.clone();
             let req = pb::ExecCommandRequest {
                 node_id: node.clone(),
                 command: command.clone(),
@@ -108,9 +109,11 @@ pub async fn run(args: ExecArgs, conn: &Connection) -> anyhow::Result<()> {
                 spec_yaml: spec_yaml.clone(),
             };
             running.spawn(async move {
-                match client.exec_command(req).await {
-                    Ok(resp) => result_json(&resp.into_inner()),
-                    Err(status) => json!({ "node": node, "status": "error", "detail": status.message() }),
+                // A two-person-rule hold waits here for the second admin.
+                let answer = client.exec_command(req).await;
+                match crate::approval::call_held(&format!("{command} on {node}"), &mut client, answer).await {
+                    Ok(resp) => result_json(&resp),
+                    Err(error) => json!({ "node": node, "status": "error", "detail": format!("{error:#}") }),
                 }
             });
         }

@@ -1,20 +1,32 @@
 //! `flotctl nodes ls|show|revoke`.
 
+use std::collections::BTreeSet;
+
+use comfy_table::Cell;
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::pb;
 
-use crate::cli::NodesCmd;
+use crate::cli::{Format, NodesCmd};
 use crate::client::{call, connect};
 use crate::context::Connection;
-use crate::output::{self, GpuView, NodeView, ago, bytes, celsius, percent};
+use crate::output::{self, Columns, GpuView, NodeView, ago, bytes, celsius, percent, state_cell};
 
 pub async fn run(cmd: NodesCmd, conn: &Connection) -> anyhow::Result<()> {
     let mut client = connect(conn).await?;
     match cmd {
-        NodesCmd::Ls { output } => {
-            let resp = call("list nodes", client.list_nodes(pb::ListNodesRequest {}).await)?;
-            let nodes: Vec<NodeView> = resp.nodes.into_iter().map(|n| NodeView::from_wire(n, false)).collect();
-            output::print(output, &nodes, |nodes| ls_table(nodes, now_unix_ms()))
+        NodesCmd::Ls { output, watch } => {
+            // The wide table shows host facts (driver, agent, address) that the list's
+            // JSON and YAML leave out; the answer carries them either way.
+            let detail = output == Format::Wide;
+            let fetch = || {
+                let mut client = client.clone();
+                async move {
+                    let resp = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+                    Ok(resp.nodes.into_iter().map(|n| NodeView::from_wire(n, detail)).collect::<Vec<_>>())
+                }
+            };
+            output::list("list nodes", output, watch, fetch, |nodes, columns| ls_table(nodes, columns, now_unix_ms()))
+                .await
         }
         NodesCmd::Show { node, output } => {
             let resp =
@@ -24,7 +36,8 @@ pub async fn run(cmd: NodesCmd, conn: &Connection) -> anyhow::Result<()> {
         }
         NodesCmd::Revoke { node, reason, output } => {
             let req = pb::RevokeNodeRequest { node_id: node.clone(), reason };
-            let resp = call(&format!("revoke node {node}"), client.revoke_node(req).await)?;
+            let answer = client.revoke_node(req).await;
+            let resp = crate::approval::call_held(&format!("revoke node {node}"), &mut client, answer).await?;
             output::print(output, &RevocationView::from(resp), revoke_text)
         }
     }
@@ -72,24 +85,57 @@ fn revoke_text(r: &RevocationView) -> String {
     out
 }
 
-fn ls_table(nodes: &[NodeView], now: i64) -> String {
+fn ls_table(nodes: &[NodeView], columns: Columns, now: i64) -> String {
     if nodes.is_empty() {
         return "No nodes have connected yet. Start an agent with a certificate from `flotctl cert issue --node ID`."
             .to_owned();
     }
-    let mut t = output::table(&["NODE", "STATE", "GPUS", "UTIL", "MAX TEMP", "VRAM USED/TOTAL", "LAST SEEN"]);
+    let mut header = vec!["NODE", "STATE", "GPUS", "UTIL", "MAX TEMP", "VRAM USED/TOTAL", "LAST SEEN"];
+    if columns == Columns::Wide {
+        header.extend(["GPU MODEL", "DRIVER", "AGENT", "ADDRESS", "HOSTNAME", "LABELS"]);
+    }
+    let mut t = output::table(&header);
     for n in nodes {
-        t.add_row(vec![
-            n.id.clone(),
-            n.state.clone(),
-            n.gpus.len().to_string(),
-            percent(n.mean_gpu_utilization_ratio),
-            celsius(n.max_gpu_temperature_celsius),
-            format!("{} / {}", bytes(n.gpu_memory_used_bytes), bytes(n.gpu_memory_total_bytes)),
-            ago(n.last_seen_unix_ms, now),
-        ]);
+        let state = match columns {
+            Columns::Wide if !n.state_reason.is_empty() => format!("{} ({})", n.state, n.state_reason),
+            _ => n.state.clone(),
+        };
+        let mut row = vec![
+            Cell::new(&n.id),
+            state_cell(&state),
+            Cell::new(n.gpus.len()),
+            Cell::new(percent(n.mean_gpu_utilization_ratio)),
+            Cell::new(celsius(n.max_gpu_temperature_celsius)),
+            Cell::new(format!("{} / {}", bytes(n.gpu_memory_used_bytes), bytes(n.gpu_memory_total_bytes))),
+            Cell::new(ago(n.last_seen_unix_ms, now)),
+        ];
+        if columns == Columns::Wide {
+            row.extend(wide_cells(n).map(Cell::new));
+        }
+        t.add_row(row);
     }
     t.to_string()
+}
+
+/// The extra columns of `nodes ls -o wide`; `-` where the node has not said.
+fn wide_cells(n: &NodeView) -> [String; 6] {
+    let dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+    let models: BTreeSet<&str> = n.gpus.iter().map(|g| g.model.as_str()).filter(|m| !m.is_empty()).collect();
+    let host = n.host.as_ref();
+    let driver = host.map_or_else(String::new, |h| match (h.driver_version.as_str(), h.cuda_version.as_str()) {
+        ("", _) => String::new(),
+        (driver, "") => driver.to_owned(),
+        (driver, cuda) => format!("{driver}, CUDA {cuda}"),
+    });
+    let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    [
+        dash(&models.into_iter().collect::<Vec<_>>().join(",")),
+        dash(&driver),
+        dash(host.map_or("", |h| h.agent_version.as_str())),
+        dash(host.map_or("", |h| h.peer_addr.as_str())),
+        dash(&n.hostname),
+        dash(&labels.join(",")),
+    ]
 }
 
 fn show_text(n: &NodeView, now: i64) -> String {
@@ -264,6 +310,78 @@ mod tests {
         assert!(json.get("containers").is_none());
         assert_eq!(json["gpus"][0]["clock_event_reasons"], serde_json::json!(["sw_power_cap", "sw_thermal_slowdown"]));
         assert_eq!(json["gpus"][0]["xid_events"][0]["count"], 2);
+    }
+
+    fn listed_node() -> pb::Node {
+        pb::Node {
+            id: "gpu-a".into(),
+            state: pb::NodeState::Degraded.into(),
+            state_reason: "gpu 1 hot".into(),
+            peer_addr: "10.0.0.5:51234".into(),
+            last_seen_unix_ms: 1_000,
+            inventory: Some(pb::Inventory {
+                hostname: "rack1-a".into(),
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+                agent_version: "0.1.0".into(),
+                labels: [("zone".to_owned(), "z1".to_owned())].into_iter().collect(),
+                gpus: vec![
+                    pb::GpuInfo { index: 0, model: "NVIDIA H100 80GB HBM3".into(), ..Default::default() },
+                    pb::GpuInfo { index: 1, model: "NVIDIA H100 80GB HBM3".into(), ..Default::default() },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn wide_adds_model_driver_agent_address_and_labels() {
+        let wide = ls_table(&[NodeView::from_wire(listed_node(), true)], Columns::Wide, 61_000);
+        for want in [
+            "GPU MODEL",
+            "NVIDIA H100 80GB HBM3",
+            "550.54.15, CUDA 12.4",
+            "0.1.0",
+            "10.0.0.5:51234",
+            "rack1-a",
+            "zone=z1",
+            "degraded (gpu 1 hot)",
+            "1m ago",
+        ] {
+            assert!(wide.contains(want), "{want} missing from\n{wide}");
+        }
+        assert_eq!(wide.matches("NVIDIA H100").count(), 1, "one model, named once");
+        let plain = ls_table(&[NodeView::from_wire(listed_node(), false)], Columns::Normal, 61_000);
+        for absent in ["GPU MODEL", "550.54.15", "10.0.0.5", "zone=z1", "gpu 1 hot"] {
+            assert!(!plain.contains(absent), "{absent} in the plain table\n{plain}");
+        }
+        assert!(!plain.contains('\x1b') && !wide.contains('\x1b'), "no colour unless this run colours");
+    }
+
+    #[test]
+    fn the_listed_json_keeps_its_fields() {
+        let json = serde_json::to_value(NodeView::from_wire(listed_node(), false)).unwrap();
+        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "first_seen_unix_ms",
+                "gpu_memory_total_bytes",
+                "gpu_memory_used_bytes",
+                "gpu_source",
+                "gpus",
+                "hostname",
+                "id",
+                "labels",
+                "last_seen_unix_ms",
+                "max_gpu_temperature_celsius",
+                "mean_gpu_utilization_ratio",
+                "state",
+                "state_reason",
+            ],
+            "`nodes ls -o json` is a public interface: add fields, never rename or drop them"
+        );
     }
 
     #[test]

@@ -432,7 +432,8 @@ pub async fn run(cmd: RolloutCmd, conn: &Connection) -> anyhow::Result<()> {
 async fn operate(client: &mut Client, op: RolloutOp, args: RolloutOpArgs) -> anyhow::Result<()> {
     let RolloutOpArgs { name, output } = args;
     let request = pb::OperateRolloutRequest { name: name.clone(), operation: op.to_wire().into() };
-    let resp = call(&format!("{} rollout of {name}", op.as_str()), client.operate_rollout(request).await)?;
+    let answer = client.operate_rollout(request).await;
+    let resp = crate::approval::call_held(&format!("{} rollout of {name}", op.as_str()), client, answer).await?;
     let view = OperateView {
         operation: op.as_str(),
         message: resp.message,
@@ -464,7 +465,7 @@ async fn watch_rollout(
     output: Format,
 ) -> anyhow::Result<()> {
     let stop = flotilla_common::shutdown::on_signal();
-    let redraw = output == Format::Table && std::io::stdout().is_terminal();
+    let redraw = matches!(output, Format::Table | Format::Wide) && std::io::stdout().is_terminal();
     let mut last_printed: Option<RolloutView> = None;
     loop {
         let answer = tokio::select! {
@@ -508,8 +509,10 @@ fn print_watched(
         Format::Json => writeln!(out, "{}", serde_json::to_string(view)?)?,
         _ if last_printed.as_ref() == Some(view) && !redraw => return Ok(()),
         Format::Yaml => write!(out, "---\n{}", serde_yaml_ng::to_string(view)?)?,
-        Format::Table if redraw => writeln!(out, "\x1b[2J\x1b[H{}", view.text(now_unix_ms()))?,
-        Format::Table => writeln!(out, "--- {}\n{}\n", time_text(now_unix_ms()), view.text(now_unix_ms()))?,
+        Format::Table | Format::Wide if redraw => writeln!(out, "\x1b[2J\x1b[H{}", view.text(now_unix_ms()))?,
+        Format::Table | Format::Wide => {
+            writeln!(out, "--- {}\n{}\n", time_text(now_unix_ms()), view.text(now_unix_ms()))?
+        }
     }
     out.flush()?;
     *last_printed = Some(view.clone());

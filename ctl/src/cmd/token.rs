@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use comfy_table::Cell;
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::pb;
 use serde::Serialize;
@@ -9,7 +10,7 @@ use serde::Serialize;
 use crate::cli::TokenCmd;
 use crate::client::{call, connect};
 use crate::context::Connection;
-use crate::output;
+use crate::output::{self, Columns, state_cell};
 
 /// A join token as flotctl shows it: never the secret.
 #[derive(Debug, Serialize)]
@@ -76,26 +77,73 @@ pub async fn run(cmd: TokenCmd, conn: &Connection) -> anyhow::Result<()> {
                 )
             })
         }
-        TokenCmd::Ls { output } => {
-            let resp = call("list join tokens", client.list_join_tokens(pb::ListJoinTokensRequest {}).await)?;
-            let rows: Vec<TokenView> = resp.tokens.into_iter().map(TokenView::from).collect();
-            let now = now_unix_ms();
-            output::print(output, &rows, |rows| {
-                let mut t = output::table(&["ID", "STATE", "USES LEFT", "EXPIRES", "CREATED BY", "LABELS", "ENROLLED"]);
-                for r in rows {
-                    let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    t.add_row(vec![
-                        r.id.clone(),
-                        r.state.clone(),
-                        format!("{}/{}", r.uses_left, r.uses),
-                        output::ago(r.expires_unix_ms, now),
-                        r.created_by.clone(),
-                        labels.join(","),
-                        r.enrolled.join(","),
-                    ]);
+        TokenCmd::Ls { output, watch } => {
+            let fetch = || {
+                let mut client = client.clone();
+                async move {
+                    let resp = client.list_join_tokens(pb::ListJoinTokensRequest {}).await?.into_inner();
+                    Ok(resp.tokens.into_iter().map(TokenView::from).collect::<Vec<_>>())
                 }
-                t.to_string()
+            };
+            output::list("list join tokens", output, watch, fetch, |rows, columns| {
+                ls_table(rows, columns, now_unix_ms())
             })
+            .await
         }
+    }
+}
+
+/// `token ls`; `-o wide` adds when each token was made and how many uses it had.
+fn ls_table(rows: &[TokenView], columns: Columns, now: i64) -> String {
+    if rows.is_empty() {
+        return "no join tokens (flotctl token create)".to_owned();
+    }
+    let mut header = vec!["ID", "STATE", "USES LEFT", "EXPIRES", "CREATED BY", "LABELS", "ENROLLED"];
+    if columns == Columns::Wide {
+        header.extend(["CREATED", "EXPIRES AT"]);
+    }
+    let mut t = output::table(&header);
+    for r in rows {
+        let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut row = vec![
+            Cell::new(&r.id),
+            state_cell(&r.state),
+            Cell::new(format!("{}/{}", r.uses_left, r.uses)),
+            Cell::new(output::ago(r.expires_unix_ms, now)),
+            Cell::new(&r.created_by),
+            Cell::new(labels.join(",")),
+            Cell::new(r.enrolled.join(",")),
+        ];
+        if columns == Columns::Wide {
+            row.extend([Cell::new(output::ago(r.created_unix_ms, now)), Cell::new(output::rfc3339(r.expires_unix_ms))]);
+        }
+        t.add_row(row);
+    }
+    t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wide_adds_when_a_token_was_made_and_expires() {
+        let row = TokenView::from(pb::JoinTokenInfo {
+            id: "tok1".into(),
+            state: "active".into(),
+            created_by: "operator root (admin)".into(),
+            created_unix_ms: 1_000,
+            expires_unix_ms: 1_700_000_000_000,
+            uses: 2,
+            uses_left: 1,
+            enrolled: vec!["gpu-a".into()],
+            ..Default::default()
+        });
+        let rows = [row];
+        let plain = ls_table(&rows, Columns::Normal, 61_000);
+        assert!(plain.contains("1/2") && plain.contains("gpu-a") && !plain.contains("EXPIRES AT"), "{plain}");
+        let wide = ls_table(&rows, Columns::Wide, 61_000);
+        assert!(wide.contains("1m ago") && wide.contains("2023-11-14T22:13:20Z"), "{wide}");
+        assert!(ls_table(&[], Columns::Normal, 0).contains("flotctl token create"));
     }
 }

@@ -277,3 +277,59 @@ pub fn recover(store: &dyn crate::store::Store) -> Result<usize, crate::store::S
     }
     Ok(failed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SledStore, Store};
+
+    fn record(id: &str, state: ApprovalState) -> ApprovalRecord {
+        ApprovalRecord {
+            id: id.into(),
+            verb: "drain".into(),
+            target: "gpu-a".into(),
+            summary: "drain of container c on node gpu-a".into(),
+            method: "ExecCommand".into(),
+            request: Vec::new(),
+            requested_by: "operator alice (operator)".into(),
+            requester_name: "alice".into(),
+            requester_role: flotilla_common::Role::Operator,
+            requested_unix_ms: 1,
+            expires_unix_ms: i64::MAX,
+            state,
+            decided_by: "operator bob (admin)".into(),
+            decided_unix_ms: 2,
+            reason: String::new(),
+            finished_unix_ms: 0,
+            response: Vec::new(),
+            error_code: 0,
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_restart_fails_what_was_running_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.commit_approval(&record("run", ApprovalState::Running)).unwrap();
+        store.commit_approval(&record("wait", ApprovalState::Pending)).unwrap();
+        assert_eq!(recover(&store).unwrap(), 1);
+        let failed = store.approval("run").unwrap().unwrap();
+        assert_eq!(failed.state, ApprovalState::Failed);
+        assert!(failed.error.contains("outcome is unknown"), "{}", failed.error);
+        assert_eq!(store.approval("wait").unwrap().unwrap().state, ApprovalState::Pending);
+    }
+
+    #[test]
+    fn only_one_decision_wins_the_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let pending = record("x", ApprovalState::Pending);
+        store.commit_approval(&pending).unwrap();
+        let approved = ApprovalRecord { state: ApprovalState::Running, ..pending.clone() };
+        let rejected = ApprovalRecord { state: ApprovalState::Rejected, ..pending.clone() };
+        assert!(store.swap_approval(&pending, &approved).unwrap());
+        assert!(!store.swap_approval(&pending, &rejected).unwrap(), "the second decision lost");
+        assert_eq!(store.approval("x").unwrap().unwrap().state, ApprovalState::Running);
+    }
+}
