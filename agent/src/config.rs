@@ -8,7 +8,7 @@ use std::time::Duration;
 use flotilla_common::NodeId;
 use flotilla_common::config::{ConfigError, load_toml};
 use flotilla_common::enroll::{CaFingerprint, JoinToken};
-use flotilla_common::logging::LogFormat;
+use flotilla_common::logging::{LogFormat, TracingConfig};
 use flotilla_common::tls::TlsFiles;
 use serde::Deserialize;
 
@@ -56,6 +56,8 @@ pub struct Config {
     pub inference: Vec<crate::inference::InferenceEndpoint>,
     pub uplink: UplinkConfig,
     pub log_format: LogFormat,
+    /// Span export over OTLP (`[tracing]`); off without `otlp_endpoint`.
+    pub tracing: TracingConfig,
     /// The gateway role (`[gateway]`): without it the agent refuses `gateway-set`.
     pub gateway: Option<crate::gateway::GatewayConfig>,
 }
@@ -126,6 +128,7 @@ impl Default for Config {
             runtime: crate::runtime::RuntimeConfig::default(),
             uplink: UplinkConfig::default(),
             log_format: LogFormat::Text,
+            tracing: TracingConfig::default(),
             gateway: None,
         }
     }
@@ -168,6 +171,7 @@ pub struct Overrides {
     pub join_token: Option<JoinToken>,
     pub ca_fingerprint: Option<CaFingerprint>,
     pub enroll_url: Option<String>,
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -192,6 +196,7 @@ impl Config {
         c.join_token = o.join_token.or(c.join_token);
         c.ca_fingerprint = o.ca_fingerprint.or(c.ca_fingerprint);
         c.enroll_url = o.enroll_url.or(c.enroll_url);
+        c.tracing.otlp_endpoint = o.otlp_endpoint.or(c.tracing.otlp_endpoint);
         let origin = file.map_or_else(|| "agent config".to_owned(), |p| p.display().to_string());
         c.validate(&origin)?;
         Ok(c)
@@ -205,6 +210,7 @@ impl Config {
     /// Checks the values that parsing cannot.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::invalid(origin, m));
+        self.tracing.validate().or_else(bad)?;
         if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600) {
             return bad(format!("interval {} is outside 100ms..1h", humantime::format_duration(self.interval)));
         }

@@ -17,6 +17,8 @@ use flotilla_common::envelope::{CommandId, PinnedKey, Refusal, SignedEnvelope};
 use flotilla_common::logging::RecentEvents;
 use flotilla_common::model::{ContainerReport, GpuInfo};
 use flotilla_common::time::now_unix_ms;
+use flotilla_common::trace::TraceParent;
+use tracing::Instrument;
 
 use crate::runtime::DockerRuntime;
 pub use seen::{SeenIds, StoredResult};
@@ -74,8 +76,9 @@ pub struct Gate {
 pub enum Admission {
     /// Answer at once (a refusal, or the stored result of a resent command).
     Answer(Outcome),
-    /// Verified and recorded: run it, then call [`Gate::finish`].
-    Run { id: CommandId, command: Command },
+    /// Verified and recorded: run it, then call [`Gate::finish`]. `trace` is the
+    /// issuing span's context from the envelope's signed trailer, if well formed.
+    Run { id: CommandId, command: Command, trace: Option<TraceParent> },
 }
 
 impl Gate {
@@ -93,8 +96,8 @@ impl Gate {
             ));
         };
         // Everything but replay first, so that a resend can be told from a replay.
-        let envelope = match key.verify::<Command>(signed, &self.me, now_unix_ms(), |_| false) {
-            Ok(e) => e,
+        let (envelope, trailer) = match key.verify_with_trailer::<Command>(signed, &self.me, now_unix_ms(), |_| false) {
+            Ok(verified) => verified,
             Err(refusal) => return Admission::Answer(Outcome::refused(untrusted_id(signed), refusal.to_string())),
         };
         if self.seen.contains(&envelope.id) {
@@ -116,7 +119,7 @@ impl Gate {
                 format!("cannot record the command id durably ({e}); not running it"),
             ));
         }
-        Admission::Run { id: envelope.id, command: envelope.payload }
+        Admission::Run { id: envelope.id, command: envelope.payload, trace: trailer.trace_parent() }
     }
 
     /// Stores a finished command's result for resends.
@@ -137,8 +140,23 @@ fn untrusted_id(signed: &SignedEnvelope) -> Option<CommandId> {
     postcard::from_bytes::<flotilla_common::envelope::Envelope<Command>>(body).ok().map(|e| e.id)
 }
 
-/// Runs an admitted command.
-pub async fn execute(host: &Host, id: CommandId, command: Command) -> Outcome {
+/// Runs an admitted command in its own span, a child of the issuing span when
+/// the envelope carried its trace context.
+pub async fn execute(host: &Host, id: CommandId, command: Command, trace: Option<TraceParent>) -> Outcome {
+    let name = command.name();
+    let span = tracing::info_span!(
+        "command",
+        otel.name = format!("command {name}"),
+        otel.kind = "consumer",
+        command_id = %id,
+    );
+    if let Some(parent) = &trace {
+        parent.adopt(&span);
+    }
+    execute_in_span(host, id, command).instrument(span).await
+}
+
+async fn execute_in_span(host: &Host, id: CommandId, command: Command) -> Outcome {
     let name = command.name();
     tracing::info!(command_id = %id, command = name, "executing signed command");
     let changes_containers = matches!(

@@ -63,6 +63,9 @@ struct Args {
     /// The controller's enrollment port, https://HOST:PORT (its enroll_listen).
     #[arg(long, env = "FLOTILLA_ENROLL_URL")]
     enroll_url: Option<String>,
+    /// Export spans to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (overrides tracing.otlp_endpoint).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_gpu_source(s: &str) -> Result<GpuSourceChoice, String> {
@@ -93,11 +96,12 @@ fn main() -> ExitCode {
         join_token: args.join_token,
         ca_fingerprint: args.ca_fingerprint,
         enroll_url: args.enroll_url,
+        otlp_endpoint: args.otlp_endpoint,
     };
     flotilla_common::daemon::main(
         "flotilla-agent",
         Config::load(args.config.as_deref(), overrides),
-        |c| c.log_format,
+        |c| (c.log_format, c.tracing.clone()),
         flotilla_agent::run,
     )
 }

@@ -378,6 +378,11 @@ impl Uplink {
         batches: &mut mpsc::Receiver<TelemetryBatch>,
         cancel: &CancellationToken,
     ) -> LinkEnd {
+        // A heartbeat first: the controller measures this agent's clock from it
+        // before any batch arrives, and stores them at its time if the clock is off.
+        if let Err(reason) = self.send_msg(&link, heartbeat_message()).await {
+            return LinkEnd::Broken(reason);
+        }
         // Resend everything not yet acknowledged, oldest first; then results
         // of commands that finished while the link was down.
         for i in 0..self.pending.len() {
@@ -432,8 +437,7 @@ impl Uplink {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let hb = pb::AgentMessage { body: Some(Up::Heartbeat(pb::Heartbeat { sent_unix_ms: now_unix_ms() })) };
-                    if let Err(reason) = self.send_msg(&link, hb).await {
+                    if let Err(reason) = self.send_msg(&link, heartbeat_message()).await {
                         return LinkEnd::Broken(reason);
                     }
                 }
@@ -493,12 +497,12 @@ impl Uplink {
                 }
                 self.send_result(link, &outcome).await
             }
-            Admission::Run { id, command } => {
+            Admission::Run { id, command, trace } => {
                 let host = self.commands.host.clone();
                 let tx = self.commands.results_tx.clone();
                 // Commands run beside the stream (a drain takes minutes); results come back through the channel.
                 tokio::spawn(async move {
-                    let outcome = crate::executor::execute(&host, id, command).await;
+                    let outcome = crate::executor::execute(&host, id, command, trace).await;
                     let _ = tx.send(outcome).await;
                 });
                 Ok(())
@@ -593,6 +597,11 @@ impl Uplink {
             );
         }
     }
+}
+
+/// A heartbeat with this agent's wall-clock time.
+fn heartbeat_message() -> pb::AgentMessage {
+    pb::AgentMessage { body: Some(Up::Heartbeat(pb::Heartbeat { sent_unix_ms: now_unix_ms() })) }
 }
 
 fn agent_sample(name: &str, value: f64) -> flotilla_common::model::Sample {

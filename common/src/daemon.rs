@@ -1,5 +1,6 @@
 //! The one `main` shape of the daemons: a config error is one line and exit 64;
-//! then logging, the runtime, the shutdown signal, `run`, and exit 1 on failure.
+//! then the runtime, logging (and span export), the shutdown signal, `run`,
+//! the last spans flushed, and exit 1 on failure.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -8,14 +9,15 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
-use crate::logging::{self, LogFormat};
+use crate::logging::{self, LogFormat, TracingConfig};
 
-/// Runs a daemon named `name` with a loaded `config`.
+/// Runs a daemon named `name` with a loaded `config`; `logging` says its log
+/// format and span export.
 #[allow(clippy::print_stderr)] // a binary's last word goes to stderr
 pub fn main<C, E, F>(
     name: &str,
     config: Result<C, ConfigError>,
-    log_format: impl FnOnce(&C) -> LogFormat,
+    logging: impl FnOnce(&C) -> (LogFormat, TracingConfig),
     run: impl FnOnce(C, CancellationToken) -> F,
 ) -> ExitCode
 where
@@ -29,7 +31,6 @@ where
             return ExitCode::from(64);
         }
     };
-    logging::init(log_format(&config), "info");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -37,7 +38,20 @@ where
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async {
+    let (format, export) = logging(&config);
+    // The exporter's gRPC channel starts its connection task on this runtime.
+    let spans = {
+        let _runtime = runtime.enter();
+        logging::init(format, "info", &export, name)
+    };
+    let spans = match spans {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{name}: config error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let code = runtime.block_on(async {
         let shutdown = crate::shutdown::on_signal();
         match run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -47,5 +61,8 @@ where
                 ExitCode::from(1)
             }
         }
-    })
+    });
+    // After `run` (its spans have ended), while the runtime still drives the channel.
+    spans.shutdown();
+    code
 }

@@ -10,8 +10,19 @@
 //! (CVE-2020-11651), no replay (CVE-2022-22936, CVE-2024-38823), and nothing is
 //! added to a message after it is signed.
 //!
-//! Wire form of the signed bytes: `[version: u16 BE][postcard(Envelope)]`. The
-//! version comes first so that a future format is refused with a clear reason.
+//! Wire form of the signed bytes: `[version: u16 BE][postcard(Envelope)]`, then,
+//! only when there is one, `[postcard(Trailer)]`. The version comes first so
+//! that a future format is refused with a clear reason.
+//!
+//! The trailer carries the trace context (a W3C `traceparent`), so that the
+//! agent's run of a command joins the operator's trace. It is inside the signed
+//! bytes, so nobody on the way can change it, but it is not part of
+//! [`Envelope`]: postcard decoding stops at the envelope's end and ignores what
+//! follows, so agents built before the trailer verify and decode a trailed
+//! envelope exactly as before (and ignore it), and this build accepts an
+//! envelope without one. A trailer that does not decode, or a `traceparent`
+//! that does not parse, is ignored: it never refuses a command, and nothing in
+//! it changes what runs.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -25,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::NodeId;
+use crate::trace::TraceParent;
 
 /// The envelope format this build writes and accepts.
 pub const ENVELOPE_VERSION: u16 = 1;
@@ -93,6 +105,30 @@ pub struct Envelope<P> {
     pub expires_at_unix_ms: i64,
     pub key_id: String,
     pub payload: P,
+}
+
+/// Signed context after the envelope (see the module docs): observability
+/// only, never read to decide whether or what to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    /// The W3C `traceparent` of the span that issued the command.
+    pub traceparent: Option<String>,
+}
+
+impl Trailer {
+    /// A trailer carrying `parent`, if any.
+    pub fn traced(parent: Option<&TraceParent>) -> Self {
+        Self { traceparent: parent.map(ToString::to_string) }
+    }
+
+    /// The trace context, when it is well formed.
+    pub fn trace_parent(&self) -> Option<TraceParent> {
+        self.traceparent.as_deref().and_then(TraceParent::parse)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.traceparent.is_none()
+    }
 }
 
 /// What is shipped: the envelope bytes exactly as signed, and the signature.
@@ -214,6 +250,19 @@ impl CommandKey {
         ttl: Duration,
         now_unix_ms: i64,
     ) -> Result<SignedEnvelope, KeyError> {
+        self.sign_with(id, target, payload, ttl, now_unix_ms, &Trailer::default())
+    }
+
+    /// [`Self::sign`] with a trailer (the trace context) signed after the envelope.
+    pub fn sign_with<P: Serialize>(
+        &self,
+        id: CommandId,
+        target: &NodeId,
+        payload: P,
+        ttl: Duration,
+        now_unix_ms: i64,
+        trailer: &Trailer,
+    ) -> Result<SignedEnvelope, KeyError> {
         if ttl.is_zero() || ttl > MAX_TTL {
             return Err(KeyError::BadTtl { ttl_ms: ttl.as_millis(), max_ms: MAX_TTL.as_millis() });
         }
@@ -226,13 +275,26 @@ impl CommandKey {
             key_id: self.key_id.clone(),
             payload,
         };
-        self.sign_envelope(&envelope)
+        self.sign_envelope_with(&envelope, trailer)
     }
 
     /// Encodes and signs a complete envelope (the final bytes; nothing is added after).
     pub fn sign_envelope<P: Serialize>(&self, envelope: &Envelope<P>) -> Result<SignedEnvelope, KeyError> {
+        self.sign_envelope_with(envelope, &Trailer::default())
+    }
+
+    /// [`Self::sign_envelope`] with a trailer; an empty trailer is not written,
+    /// so the bytes are those of an envelope without one.
+    pub fn sign_envelope_with<P: Serialize>(
+        &self,
+        envelope: &Envelope<P>,
+        trailer: &Trailer,
+    ) -> Result<SignedEnvelope, KeyError> {
         let mut bytes = envelope.version.to_be_bytes().to_vec();
         bytes = postcard::to_extend(envelope, bytes).map_err(|e| KeyError::Encode(e.to_string()))?;
+        if !trailer.is_empty() {
+            bytes = postcard::to_extend(trailer, bytes).map_err(|e| KeyError::Encode(e.to_string()))?;
+        }
         let signature = self.signing.sign(&bytes).to_bytes().to_vec();
         Ok(SignedEnvelope { bytes, signature })
     }
@@ -282,6 +344,18 @@ impl PinnedKey {
         now_unix_ms: i64,
         seen: impl FnOnce(&CommandId) -> bool,
     ) -> Result<Envelope<P>, Refusal> {
+        self.verify_with_trailer(signed, me, now_unix_ms, seen).map(|(envelope, _)| envelope)
+    }
+
+    /// [`Self::verify`], also returning the signed trailer (empty when there is
+    /// none or it does not decode: a trailer never refuses an envelope).
+    pub fn verify_with_trailer<P: DeserializeOwned>(
+        &self,
+        signed: &SignedEnvelope,
+        me: &NodeId,
+        now_unix_ms: i64,
+        seen: impl FnOnce(&CommandId) -> bool,
+    ) -> Result<(Envelope<P>, Trailer), Refusal> {
         if signed.bytes.len() > MAX_ENVELOPE_BYTES {
             return Err(Refusal::Malformed(format!("{} bytes; the limit is {MAX_ENVELOPE_BYTES}", signed.bytes.len())));
         }
@@ -295,7 +369,9 @@ impl PinnedKey {
         if version != ENVELOPE_VERSION {
             return Err(Refusal::UnsupportedVersion { found: version, supported: ENVELOPE_VERSION });
         }
-        let envelope: Envelope<P> = postcard::from_bytes(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let (envelope, rest): (Envelope<P>, &[u8]) =
+            postcard::take_from_bytes(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let trailer = if rest.is_empty() { Trailer::default() } else { postcard::from_bytes(rest).unwrap_or_default() };
         if envelope.version != version {
             return Err(Refusal::Malformed("version prefix and body disagree".into()));
         }
@@ -323,7 +399,7 @@ impl PinnedKey {
         if seen(&envelope.id) {
             return Err(Refusal::Replayed(envelope.id));
         }
-        Ok(envelope)
+        Ok((envelope, trailer))
     }
 }
 
@@ -445,6 +521,58 @@ mod tests {
         let s = signed(&key);
         let r: Result<Envelope<String>, _> = key.public().verify(&s, &node("gpu-1"), NOW, |_| true);
         assert!(matches!(r, Err(Refusal::Replayed(_))));
+    }
+
+    #[test]
+    fn a_signed_trailer_carries_the_trace_context_and_old_decoders_ignore_it() {
+        let key = CommandKey::generate();
+        let parent = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let trailer = Trailer::traced(Some(&parent));
+        let s = key.sign_with(CommandId::new(), &node("gpu-1"), "noop".to_owned(), DEFAULT_TTL, NOW, &trailer).unwrap();
+        let (e, got) = key.public().verify_with_trailer::<String>(&s, &node("gpu-1"), NOW, |_| false).unwrap();
+        assert_eq!(e.payload, "noop");
+        assert_eq!(got.trace_parent(), Some(parent));
+        // What an agent built before the trailer does: decode the envelope, ignore the rest.
+        let old: Envelope<String> = postcard::from_bytes(&s.bytes[2..]).unwrap();
+        assert_eq!(old, e);
+        // The trailer is signed like the rest.
+        let mut bad = s.clone();
+        let last = bad.bytes.len() - 1;
+        bad.bytes[last] ^= 1;
+        assert_eq!(check(&key.public(), &bad, NOW), Err(Refusal::BadSignature));
+        // No trailer: the same bytes as before it existed.
+        let plain =
+            key.sign_with(CommandId::new(), &node("gpu-1"), 1u8, DEFAULT_TTL, NOW, &Trailer::default()).unwrap();
+        let (_, none) = key.public().verify_with_trailer::<u8>(&plain, &node("gpu-1"), NOW, |_| false).unwrap();
+        assert_eq!(none, Trailer::default());
+    }
+
+    #[test]
+    fn a_malformed_trailer_or_traceparent_is_ignored_not_refused() {
+        let key = CommandKey::generate();
+        let envelope = Envelope {
+            version: ENVELOPE_VERSION,
+            id: CommandId::new(),
+            target: node("gpu-1"),
+            issued_at_unix_ms: NOW,
+            expires_at_unix_ms: NOW + 1000,
+            key_id: key.key_id().to_owned(),
+            payload: "noop".to_owned(),
+        };
+        // A signed trailer of garbage bytes.
+        let mut bytes = key.sign_envelope(&envelope).unwrap().bytes;
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        let signature = ed25519_dalek::Signer::sign(&key.signing, &bytes).to_bytes().to_vec();
+        let garbage = SignedEnvelope { bytes, signature };
+        let (e, trailer) =
+            key.public().verify_with_trailer::<String>(&garbage, &node("gpu-1"), NOW, |_| false).unwrap();
+        assert_eq!(e.payload, "noop");
+        assert_eq!(trailer, Trailer::default());
+        // A well-formed trailer whose traceparent is not one.
+        let odd = Trailer { traceparent: Some("00-not-a-trace-01".into()) };
+        let s = key.sign_envelope_with(&envelope, &odd).unwrap();
+        let (_, trailer) = key.public().verify_with_trailer::<String>(&s, &node("gpu-1"), NOW, |_| false).unwrap();
+        assert_eq!(trailer.trace_parent(), None);
     }
 
     #[test]

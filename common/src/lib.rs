@@ -1,7 +1,8 @@
 //! Code that the agent, the controller and flotctl really share, and nothing else:
 //! the domain model of telemetry and inventory, identifiers, certificate identities
 //! and the fleet PKI (with the join-token format of enrollment), TLS configuration,
-//! config-file loading, logging setup and the shutdown signal.
+//! config-file loading, logging setup (with OTLP trace export and trace-context
+//! propagation) and the shutdown signal.
 
 pub mod capacity;
 pub mod client;
@@ -19,6 +20,7 @@ pub mod pki;
 pub mod shutdown;
 pub mod time;
 pub mod tls;
+pub mod trace;
 
 pub use identity::{Identity, Role};
 pub use ids::NodeId;

@@ -62,6 +62,7 @@ pub const FLEET_METHODS: &[(&str, Role)] = &[
     // Join tokens (enrollment).
     ("CreateJoinToken", Role::Admin),
     ("ListJoinTokens", Role::Admin),
+    ("RevokeJoinToken", Role::Admin),
     // The whole store, secrets' hashes and the audit log included.
     ("CreateBackup", Role::Admin),
 ];

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use flotilla_common::NodeId;
 use flotilla_common::command::{Command, CommandStatus};
-use flotilla_common::envelope::{CommandId, CommandKey, DEFAULT_TTL, KeyError, SignedEnvelope};
+use flotilla_common::envelope::{CommandId, CommandKey, DEFAULT_TTL, KeyError, SignedEnvelope, Trailer};
+use flotilla_common::trace::TraceParent;
 use tokio::sync::oneshot;
 
 /// What an agent answered.
@@ -67,7 +68,10 @@ impl CommandCenter {
     }
 
     /// [`Self::prepare`] under a given id: a resent command keeps its id, so the
-    /// agent answers with its stored result instead of running it again.
+    /// agent answers with its stored result instead of running it again. The
+    /// envelope's signed trailer carries the current span's trace context (an
+    /// `ExecCommand` call's span, or the rollout driver's), so that the agent's
+    /// run of it joins that trace.
     pub fn prepare_as(
         &self,
         id: CommandId,
@@ -75,7 +79,8 @@ impl CommandCenter {
         command: &Command,
         now_unix_ms: i64,
     ) -> Result<(CommandId, SignedEnvelope, oneshot::Receiver<CommandReply>), KeyError> {
-        let signed = self.key.sign(id, node, command, DEFAULT_TTL, now_unix_ms)?;
+        let trailer = Trailer::traced(TraceParent::current().as_ref());
+        let signed = self.key.sign_with(id, node, command, DEFAULT_TTL, now_unix_ms, &trailer)?;
         let (tx, rx) = oneshot::channel();
         self.waiting().insert(id, (node.clone(), tx));
         Ok((id, signed, rx))

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_common::config::{ConfigError, load_toml};
-use flotilla_common::logging::LogFormat;
+use flotilla_common::logging::{LogFormat, TracingConfig};
 use flotilla_common::tls::TlsFiles;
 use serde::Deserialize;
 
@@ -31,6 +31,8 @@ pub struct Config {
     pub tls: ControllerTls,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Span export over OTLP (`[tracing]`); off without `otlp_endpoint`.
+    pub tracing: TracingConfig,
     pub agents: AgentPolicy,
     pub telemetry: TelemetryPolicy,
     pub limits: Limits,
@@ -57,6 +59,11 @@ pub struct AgentPolicy {
     /// and renewal); agents renew two thirds into it.
     #[serde(with = "humantime_serde")]
     pub cert_ttl: Duration,
+    /// How far an agent's clock may be from the controller's (measured from its
+    /// heartbeats) before its node is degraded and its batches are stored
+    /// shifted to controller time (see `clock.rs`).
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
 }
 
 /// The controller's TLS files: [`TlsFiles`] plus the CA key, which only the
@@ -110,6 +117,12 @@ pub struct TelemetryPolicy {
     pub rollup_retention: Duration,
     /// Most batches written under one flush (group commit).
     pub max_commit_group: usize,
+    /// How long the committer waits after a batch arrives for others to join
+    /// its flush. Every flush wakes sled's writer threads and syncs the log, so
+    /// on a busy controller a few milliseconds here save far more CPU than they
+    /// add to an ack; zero flushes as soon as anything is queued.
+    #[serde(with = "humantime_serde")]
+    pub commit_linger: Duration,
     /// Depth of the queue in front of the committer; a full queue slows agents down.
     pub commit_queue: usize,
 }
@@ -153,6 +166,7 @@ impl Default for Config {
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             tls: ControllerTls::default(),
             log_format: LogFormat::Text,
+            tracing: TracingConfig::default(),
             agents: AgentPolicy::default(),
             telemetry: TelemetryPolicy::default(),
             limits: Limits::default(),
@@ -170,6 +184,7 @@ impl Default for AgentPolicy {
             min_heartbeat_interval: Duration::from_millis(100),
             max_heartbeat_interval: Duration::from_secs(60),
             cert_ttl: Duration::from_secs(72 * 3600),
+            max_clock_skew: Duration::from_secs(30),
         }
     }
 }
@@ -180,6 +195,7 @@ impl Default for TelemetryPolicy {
             retention: Duration::from_secs(3600),
             rollup_retention: Duration::from_secs(30 * 24 * 3600),
             max_commit_group: 4096,
+            commit_linger: Duration::from_millis(2),
             commit_queue: 16_384,
         }
     }
@@ -242,6 +258,7 @@ pub struct Overrides {
     pub enroll_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
     pub rules: Option<PathBuf>,
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -251,8 +268,20 @@ impl Config {
             Some(path) => load_toml(path)?,
             None => Config::default(),
         };
-        let Overrides { listen, metrics_listen, data_dir, ca, cert, key, ca_key, enroll_listen, log_format, rules } =
-            overrides;
+        let Overrides {
+            listen,
+            metrics_listen,
+            data_dir,
+            ca,
+            cert,
+            key,
+            ca_key,
+            enroll_listen,
+            log_format,
+            rules,
+            otlp_endpoint,
+        } = overrides;
+        config.tracing.otlp_endpoint = otlp_endpoint.or(config.tracing.otlp_endpoint);
         config.tls.ca_key = ca_key.or(config.tls.ca_key);
         config.enroll_listen = enroll_listen.or(config.enroll_listen);
         config.alerting.rules = rules.or(config.alerting.rules);
@@ -286,6 +315,9 @@ impl Config {
         if self.telemetry.max_commit_group == 0 || self.telemetry.commit_queue == 0 {
             return bad("telemetry.max_commit_group and telemetry.commit_queue must be at least 1");
         }
+        if self.telemetry.commit_linger > Duration::from_secs(1) {
+            return bad("telemetry.commit_linger must be at most 1s (every ack waits for it)");
+        }
         if self.store_cache_bytes < 16 * 1024 * 1024 {
             return bad("store_cache_bytes must be at least 16777216 (16 MiB)");
         }
@@ -298,10 +330,16 @@ impl Config {
         if let Err(message) = self.limits.validate() {
             return bad(&message);
         }
+        if let Err(message) = self.tracing.validate() {
+            return bad(&message);
+        }
         if self.enroll_listen.is_some() && self.tls.ca_key.is_none() {
             return bad(
                 "enroll_listen needs tls.ca_key: the controller signs enrolling agents' certificates with the CA key",
             );
+        }
+        if self.agents.max_clock_skew < Duration::from_secs(1) {
+            return bad("agents.max_clock_skew must be at least 1s (heartbeats take time to arrive)");
         }
         if self.agents.cert_ttl < Duration::from_secs(10) || self.agents.cert_ttl > Duration::from_secs(366 * 24 * 3600)
         {
@@ -326,6 +364,11 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.toml");
         let config = Config::load(Some(&path), Overrides::default()).unwrap();
         assert_eq!(config.agents.missed_heartbeats, 3);
+        assert_eq!(
+            config.agents.max_clock_skew,
+            AgentPolicy::default().max_clock_skew,
+            "the example shows the default"
+        );
         let defaults = TelemetryPolicy::default();
         assert_eq!(config.telemetry.retention, defaults.retention, "the example shows the defaults");
         assert_eq!(config.telemetry.rollup_retention, defaults.rollup_retention);

@@ -118,7 +118,7 @@ impl Exporter {
         let now = Instant::now();
         for (node, state) in self.view.snapshot() {
             let session = self.registry.session(&node);
-            let (st, _) = node_state(session.as_ref(), state.latest.as_ref(), now, self.missed_heartbeats);
+            let (st, _) = node_state(session.as_ref(), state.latest.as_deref(), now, self.missed_heartbeats);
             let n: Labels = vec![("node".into(), node.to_string())];
             let up = if matches!(st, NodeState::Down) { 0.0 } else { 1.0 };
             let awaited = session.is_none() && self.alerts.as_ref().is_some_and(|a| a.in_restart_grace());

@@ -13,7 +13,9 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, Clone, Default)]
 pub struct NodeLatest {
     pub inventory: Inventory,
-    pub latest: Option<TelemetryBatch>,
+    /// Shared with the committer and the alert engine's intake: a batch is
+    /// decoded once and never copied on its way in.
+    pub latest: Option<Arc<TelemetryBatch>>,
     /// The containers the agent last reported. In memory only: every agent
     /// reports them again when it connects, so after a controller restart a
     /// node shows none until it is back.
@@ -42,7 +44,7 @@ impl FleetView {
         {
             let mut map = view.write();
             for record in store.nodes()? {
-                let latest = store.latest_batch(&record.id)?;
+                let latest = store.latest_batch(&record.id)?.map(Arc::new);
                 map.insert(record.id, NodeLatest { inventory: record.inventory, latest, containers: None });
             }
         }
@@ -67,20 +69,28 @@ impl FleetView {
 
     /// Records a committed batch if it is newer than what is known; returns
     /// whether it was (a resent or late batch is not).
-    pub fn observe(&self, node: &NodeId, batch: &TelemetryBatch) -> bool {
+    pub fn observe(&self, node: &NodeId, batch: &Arc<TelemetryBatch>) -> bool {
         let mut map = self.write();
-        let entry = map.entry(node.clone()).or_default();
-        let newer = entry.latest.as_ref().is_none_or(|b| b.seq < batch.seq);
-        if newer {
-            entry.latest = Some(batch.clone());
+        match map.get_mut(node) {
+            Some(entry) => {
+                let newer = entry.latest.as_ref().is_none_or(|b| b.seq < batch.seq);
+                if newer {
+                    entry.latest = Some(Arc::clone(batch));
+                }
+                newer
+            }
+            None => {
+                let latest = NodeLatest { latest: Some(Arc::clone(batch)), ..NodeLatest::default() };
+                map.insert(node.clone(), latest);
+                true
+            }
         }
-        newer
     }
 
     /// A copy of one node's newest committed batch (what the store would return
     /// as its latest, without reading it).
     pub fn latest(&self, node: &NodeId) -> Option<TelemetryBatch> {
-        self.read().get(node).and_then(|n| n.latest.clone())
+        self.read().get(node).and_then(|n| n.latest.as_deref().cloned())
     }
 
     /// A copy of one node's inventory.

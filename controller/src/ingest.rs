@@ -42,6 +42,15 @@ impl Committer {
     pub async fn submit(&self, job: Job) -> Result<(), Job> {
         self.tx.send(job).await.map_err(|e| e.0)
     }
+
+    /// Queues a batch if the queue has room; otherwise hands it back, saying
+    /// whether the queue was full or closed (the controller is shutting down).
+    // The job comes back by value so the caller can wait with it (`submit`)
+    // without a copy; boxing the error would allocate per batch on the hot path.
+    #[allow(clippy::result_large_err)]
+    pub fn try_submit(&self, job: Job) -> Result<(), mpsc::error::TrySendError<Job>> {
+        self.tx.try_send(job)
+    }
 }
 
 /// Starts the committer loop. It ends when `cancel` fires, after committing and
@@ -58,8 +67,18 @@ pub fn spawn(
     tracker: &tokio_util::task::TaskTracker,
 ) -> Committer {
     let (tx, rx) = mpsc::channel(policy.commit_queue);
-    tracker.spawn(run(Shared { store, view, feed, metrics, alerts }, rx, policy.max_commit_group, cancel));
+    let group = Grouping { max: policy.max_commit_group, linger: policy.commit_linger };
+    tracker.spawn(run(Shared { store, view, feed, metrics, alerts }, rx, group, cancel));
     Committer { tx }
+}
+
+/// How batches are grouped under one flush.
+#[derive(Debug, Clone, Copy)]
+struct Grouping {
+    /// Most batches in one group.
+    max: usize,
+    /// How long the first batch of a group waits for more.
+    linger: std::time::Duration,
 }
 
 /// What the committer loop needs besides its queue.
@@ -71,7 +90,7 @@ struct Shared {
     alerts: Engine,
 }
 
-async fn run(shared: Shared, mut rx: mpsc::Receiver<Job>, max_group: usize, cancel: CancellationToken) {
+async fn run(shared: Shared, mut rx: mpsc::Receiver<Job>, group: Grouping, cancel: CancellationToken) {
     loop {
         let first = tokio::select! {
             job = rx.recv() => job,
@@ -81,8 +100,15 @@ async fn run(shared: Shared, mut rx: mpsc::Receiver<Job>, max_group: usize, canc
             }
         };
         let Some(first) = first else { break };
+        if !group.linger.is_zero() && !cancel.is_cancelled() {
+            // Let the batches of other streams join this flush (group commit).
+            tokio::select! {
+                () = tokio::time::sleep(group.linger) => {}
+                () = cancel.cancelled() => {}
+            }
+        }
         let mut jobs = vec![first];
-        while jobs.len() < max_group {
+        while jobs.len() < group.max {
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
@@ -111,7 +137,9 @@ async fn commit(shared: &Shared, jobs: Vec<Job>) {
         Ok((_, Err(error))) => {
             shared.metrics.commit_failures.inc();
             // Nothing is acknowledged; agents keep the batches and resend them.
-            tracing::error!(%error, batches = count, "telemetry commit failed; batches not acknowledged");
+            if let Some(left_out) = failure_report_due() {
+                tracing::error!(%error, batches = count, left_out, "telemetry commit failed; batches not acknowledged");
+            }
             return;
         }
         Err(error) => {
@@ -123,20 +151,25 @@ async fn commit(shared: &Shared, jobs: Vec<Job>) {
     let duplicates = outcome.iter().filter(|c| **c == Committed::Duplicate).count();
     shared.metrics.batches_duplicate.inc_by(duplicates as u64);
     shared.metrics.batches_committed.inc_by((count - duplicates) as u64);
-    for ((node, batch), c) in keys.iter().zip(&outcome) {
-        // Only a node's newest batch is published: a late resend is stored but old news.
-        if *c == Committed::New && shared.view.observe(node, batch) {
-            shared.feed.publish(node, batch);
-        }
-    }
     if duplicates > 0 {
         tracing::debug!(duplicates, "resent batches already stored; acknowledging again");
     }
+    // From here a batch is shared, never copied: the view keeps each node's
+    // newest, and watchers and the alert engine read the same allocation.
+    let mut new: Vec<(NodeId, Arc<TelemetryBatch>)> = Vec::with_capacity(count - duplicates);
     // Group the seqs per stream (by session id: linear in the batches, however
     // many streams share the commit) so each stream gets one Ack per commit.
     let mut grouped: std::collections::HashMap<u64, (AckSink, Vec<u64>)> = std::collections::HashMap::new();
-    for ((_, batch), (stream, sink)) in keys.iter().zip(sinks) {
+    for (((node, batch), c), (stream, sink)) in keys.into_iter().zip(outcome).zip(sinks) {
         grouped.entry(stream).or_insert_with(|| (sink, Vec::new())).1.push(batch.seq);
+        if c == Committed::New {
+            let batch = Arc::new(batch);
+            // Only a node's newest batch is published: a late resend is stored but old news.
+            if shared.view.observe(&node, &batch) {
+                shared.feed.publish(&node, &batch);
+            }
+            new.push((node, batch));
+        }
     }
     for (sink, seqs) in grouped.into_values() {
         // A full or closed sink means the stream is gone or not reading; the agent
@@ -146,9 +179,26 @@ async fn commit(shared: &Shared, jobs: Vec<Job>) {
         }
     }
     // The alert engine reads new batches after the acks are out, on its own task.
-    let new: Vec<(NodeId, TelemetryBatch)> =
-        keys.into_iter().zip(outcome).filter(|(_, c)| *c == Committed::New).map(|(k, _)| k).collect();
     if !new.is_empty() {
         shared.alerts.submit(new).await;
     }
+}
+
+/// Commit failures come in runs (a full disk fails every commit until space
+/// returns, and the log may be on that disk): one line every 10 s at most.
+/// `Some(n)` when this failure is to be logged, `n` failures having been left
+/// out since the last one logged.
+fn failure_report_due() -> Option<u64> {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+    static LAST_MS: AtomicI64 = AtomicI64::new(i64::MIN);
+    static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
+    let now = flotilla_common::time::now_unix_ms();
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000
+        && LAST_MS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        return Some(LEFT_OUT.swap(0, Ordering::Relaxed));
+    }
+    LEFT_OUT.fetch_add(1, Ordering::Relaxed);
+    None
 }

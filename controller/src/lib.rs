@@ -11,6 +11,7 @@ pub mod approval;
 pub mod audit;
 pub mod auth;
 pub mod capacity;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod enroll;
@@ -93,7 +94,7 @@ impl Controller {
         let store_path = data_dir.join("store");
         let cache = config.store_cache_bytes;
         let store: Arc<dyn store::Store> = Arc::new(
-            tokio::task::spawn_blocking(move || store::SledStore::open_with_cache(&store_path, cache)).await.map_err(
+            tokio::task::spawn_blocking(move || store::HealingStore::open(&store_path, cache)).await.map_err(
                 |e| ControllerError::DataDir { path: data_dir.display().to_string(), source: std::io::Error::other(e) },
             )??,
         );

@@ -8,6 +8,13 @@ use clap::Parser;
 use flotilla_common::logging::LogFormat;
 use flotilla_controller::config::{Config, Overrides};
 
+/// Every batch is decoded into a few dozen small allocations and freed after its
+/// commit, across many threads: with glibc's malloc that took about a sixth of
+/// the controller's CPU under load, and 10,000 agents did not fit on two cores
+/// (BENCHMARKS.md, "Against the anchors").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The Flotilla controller: fleet state, telemetry store and operator API over mTLS gRPC.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -45,6 +52,9 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// Export spans to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (overrides tracing.otlp_endpoint).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Option<Offline>,
 }
@@ -118,11 +128,12 @@ fn main() -> ExitCode {
         enroll_listen: args.enroll_listen,
         log_format: args.log_format,
         rules: args.rules,
+        otlp_endpoint: args.otlp_endpoint,
     };
     flotilla_common::daemon::main(
         "flotilla-controller",
         Config::load(args.config.as_deref(), overrides),
-        |c| c.log_format,
+        |c| (c.log_format, c.tracing.clone()),
         flotilla_controller::run,
     )
 }

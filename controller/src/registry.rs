@@ -28,6 +28,8 @@ pub struct Session {
     pub cancel: CancellationToken,
     /// Messages for the agent, sent down its stream.
     pub downlink: tokio::sync::mpsc::Sender<Downlink>,
+    /// The agent's clock against ours, once a heartbeat measured it.
+    pub clock: Option<crate::clock::ClockReading>,
 }
 
 /// A message the controller sends down an agent's stream (besides acks).
@@ -116,6 +118,7 @@ impl Registry {
             cert_serial,
             cancel: parent.child_token(),
             downlink,
+            clock: None,
         };
         if let Some(old) = inner.sessions.insert(node.clone(), session.clone()) {
             tracing::info!(node_id = %node, old_peer = ?old.peer, "agent reconnected; closing its previous stream");
@@ -149,6 +152,15 @@ impl Registry {
             && s.id == id
         {
             s.last_heard = Instant::now();
+        }
+    }
+
+    /// Records what session `id` of `node` measured of the agent's clock.
+    pub fn set_clock(&self, node: &NodeId, id: u64, reading: crate::clock::ClockReading) {
+        if let Some(s) = self.lock().sessions.get_mut(node)
+            && s.id == id
+        {
+            s.clock = Some(reading);
         }
     }
 
@@ -209,10 +221,16 @@ pub fn node_state(
     if silent > session.heartbeat_interval * missed {
         return (NodeState::Down, format!("no heartbeat for {}s", silent.as_secs()));
     }
-    let failing: Vec<String> = latest
+    let failing: Vec<String> = session
+        .clock
+        .and_then(|c| c.reason())
         .into_iter()
-        .flat_map(|b| b.failing_collectors())
-        .map(|c| format!("collector {} failing: {}", c.name, c.error))
+        .chain(
+            latest
+                .into_iter()
+                .flat_map(|b| b.failing_collectors())
+                .map(|c| format!("collector {} failing: {}", c.name, c.error)),
+        )
         .collect();
     if !failing.is_empty() {
         return (NodeState::Degraded, failing.join("; "));
@@ -244,6 +262,14 @@ mod tests {
         let (state, reason) = node_state(Some(&s), Some(&bad), Instant::now(), 3);
         assert_eq!(state, NodeState::Degraded);
         assert!(reason.contains("gpu"));
+
+        let skewed = crate::clock::ClockReading { offset_ms: 600_000, skewed: true };
+        reg.set_clock(&n, s.id, skewed);
+        let (state, reason) = node_state(reg.session(&n).as_ref(), Some(&bad), Instant::now(), 3);
+        assert_eq!(state, NodeState::Degraded);
+        assert!(reason.starts_with("agent clock 600.0s ahead") && reason.contains("collector gpu"), "{reason}");
+        reg.set_clock(&n, s.id, crate::clock::ClockReading { offset_ms: 600_000, skewed: false });
+        assert_eq!(node_state(reg.session(&n).as_ref(), None, Instant::now(), 3).0, NodeState::Up);
 
         tokio::time::advance(Duration::from_millis(3100)).await;
         let s = reg.session(&n).unwrap();

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod limits;
+mod traced;
 
 use crate::service::{Context, agent::AgentApi, fleet::FleetApi};
 use crate::{Controller, ControllerError, ingest, liveness, registry::Registry};
@@ -190,10 +191,11 @@ pub async fn serve(controller: Controller, shutdown: CancellationToken) -> Resul
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        // Every Fleet call passes the per-role allow-list before its handler runs.
-        .add_service(crate::auth::FleetAuthorized::new(
+        // Every Fleet call gets a span (in the caller's trace, if it sent one), then
+        // passes the per-role allow-list before its handler runs.
+        .add_service(traced::Traced::new(crate::auth::FleetAuthorized::new(
             FleetServer::new(FleetApi::new(ctx)).max_decoding_message_size(max).max_encoding_message_size(max),
-        ))
+        )))
         .serve_with_incoming_shutdown(incoming, work.clone().cancelled_owned())
         .await;
 

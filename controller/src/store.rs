@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub(crate) mod codec;
+mod healing;
 mod keys;
 mod sled_store;
 
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::alert::state::{AlertEvent, AlertRecord, Silence};
 use crate::rollup::{Aggregate, MinuteRollup, SeriesKey};
 
+pub use healing::HealingStore;
 pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 
 /// The schema this build writes. Bump it with a migration in `sled_store`.
@@ -53,6 +55,12 @@ pub enum StoreError {
     Encode(String),
     #[error("store: corrupt value under {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error(
+        "store at {path}: no space left on its disk ({op}): writes are refused and nothing is acknowledged until space is freed"
+    )]
+    DiskFull { path: String, op: &'static str },
+    #[error("store at {path} is closed after a failed write and not open again yet: {reason}")]
+    Reopening { path: String, reason: String },
 }
 
 /// What [`Store::scan_trees`] calls per entry: tree name, key, value.
@@ -169,6 +177,9 @@ pub trait Store: Send + Sync + 'static {
     fn approval(&self, id: &str) -> Result<Option<crate::approval::ApprovalRecord>, StoreError>;
     /// Every held action, in id order.
     fn approvals(&self) -> Result<Vec<crate::approval::ApprovalRecord>, StoreError>;
+    /// Deletes (flushed) the join token whose id is `id`, returning it; `None`
+    /// when no token has that id.
+    fn remove_join_token(&self, id: &str) -> Result<Option<crate::enroll::token::JoinTokenRecord>, StoreError>;
     fn commit_join_token(&self, token: &crate::enroll::token::JoinTokenRecord) -> Result<(), StoreError>;
     /// Every join token, by hash.
     fn join_tokens(&self) -> Result<Vec<crate::enroll::token::JoinTokenRecord>, StoreError>;

@@ -55,6 +55,8 @@ async fn call_every_method(c: &mut FleetClient<Channel>) -> Vec<(&'static str, R
     let token = c.create_join_token(pb::CreateJoinTokenRequest::default()).await.map(drop);
     out.push(("CreateJoinToken", Admin, token));
     out.push(("ListJoinTokens", Admin, c.list_join_tokens(pb::ListJoinTokensRequest::default()).await.map(drop)));
+    let revoked = c.revoke_join_token(pb::RevokeJoinTokenRequest::default()).await.map(drop);
+    out.push(("RevokeJoinToken", Admin, revoked));
     out.push(("ListApprovals", Viewer, c.list_approvals(pb::ListApprovalsRequest::default()).await.map(drop)));
     out.push(("GetApproval", Viewer, c.get_approval(pb::GetApprovalRequest::default()).await.map(drop)));
     out.push(("GetVersion", Viewer, c.get_version(pb::GetVersionRequest::default()).await.map(drop)));

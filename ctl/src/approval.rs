@@ -6,11 +6,9 @@
 use std::time::Duration;
 
 use flotilla_proto::pb;
-use flotilla_proto::pb::fleet_client::FleetClient;
 use prost::Message;
-use tonic::transport::Channel;
 
-use crate::client::{call, status_error};
+use crate::client::{Fleet, call, status_error};
 
 /// The response metadata key of a held call (the controller's `APPROVAL_ID_HEADER`).
 pub const APPROVAL_ID_HEADER: &str = "flotilla-approval-id";
@@ -30,7 +28,7 @@ pub fn held_id(status: &tonic::Status) -> Option<String> {
 /// action's own response once a second admin approved it and it ran.
 pub async fn call_held<T: Message + Default>(
     what: &str,
-    client: &mut FleetClient<Channel>,
+    client: &mut Fleet,
     result: Result<tonic::Response<T>, tonic::Status>,
 ) -> anyhow::Result<T> {
     let status = match result {
@@ -45,7 +43,7 @@ pub async fn call_held<T: Message + Default>(
 }
 
 /// Polls approval `id` until it is decided and, if approved, finished.
-pub async fn wait(client: &mut FleetClient<Channel>, id: &str) -> anyhow::Result<pb::Approval> {
+pub async fn wait(client: &mut Fleet, id: &str) -> anyhow::Result<pb::Approval> {
     loop {
         let approval =
             call(&format!("approval {id}"), client.get_approval(pb::GetApprovalRequest { id: id.to_owned() }).await)?;

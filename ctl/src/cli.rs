@@ -17,6 +17,12 @@ pub struct Cli {
     /// Colour tables: auto (only on a terminal, and not when NO_COLOR is set), always or never.
     #[arg(long, global = true, value_enum, default_value_t, value_name = "WHEN")]
     pub color: ColorChoice,
+    /// Export this command's spans to an OTLP/gRPC collector (e.g. http://127.0.0.1:4317) and pass the trace on to the controller.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// CA certificate (PEM) of an https OTLP collector.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_CERTIFICATE", value_name = "PEM")]
+    pub otlp_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -372,6 +378,17 @@ pub enum TokenCmd {
         /// How many agents may enroll with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Revoke a join token at once (admin): nobody can enroll with it any more;
+    /// nodes it already enrolled stay (revoke them with `flotctl nodes revoke`).
+    Revoke {
+        /// The token id, from `flotctl token ls`.
+        id: String,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: String,
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Format,
     },

@@ -4,19 +4,48 @@
 
 use flotilla_common::client::{ClientError, describe};
 use flotilla_common::tls::TlsError;
+use flotilla_common::trace::{METADATA_KEY, TraceParent};
 use flotilla_proto::pb::fleet_client::FleetClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::context::Connection;
+
+/// The Fleet client every command uses: each request carries the trace context.
+pub type Fleet = FleetClient<InterceptedService<Channel, PropagateTrace>>;
+
+/// Puts the current span's W3C `traceparent` in each request's metadata, so
+/// that the controller's span of the call joins flotctl's trace; in a task
+/// spawned outside any span (`exec` runs nodes in parallel), the span the
+/// client was connected in. Nothing is added when spans are not exported (no
+/// `--otlp-endpoint`).
+#[derive(Debug, Clone)]
+pub struct PropagateTrace {
+    connected_in: tracing::Span,
+}
+
+impl Interceptor for PropagateTrace {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let parent = TraceParent::current().or_else(|| TraceParent::of(&self.connected_in));
+        // A traceparent is hex and dashes, always a valid header value; the
+        // parse cannot fail, and a failure would only mean no propagation.
+        if let Some(value) = parent.and_then(|t| MetadataValue::try_from(t.to_string()).ok()) {
+            request.metadata_mut().insert(METADATA_KEY, value);
+        }
+        Ok(request)
+    }
+}
 
 /// Where people look up or change the connection settings; said by most hints.
 const CHECK_CONNECTION: &str = "check --controller, or the context's address with `flotctl context ls`";
 
 /// Connects to the controller of `conn`.
-pub async fn connect(conn: &Connection) -> anyhow::Result<FleetClient<Channel>> {
+pub async fn connect(conn: &Connection) -> anyhow::Result<Fleet> {
     let endpoint = flotilla_common::client::endpoint(&conn.controller, &conn.tls).map_err(endpoint_error)?;
     let channel = endpoint.connect().await.map_err(|e| connect_error(&conn.controller, &describe(&e)))?;
-    Ok(FleetClient::new(channel))
+    Ok(FleetClient::with_interceptor(channel, PropagateTrace { connected_in: tracing::Span::current() }))
 }
 
 /// A connection that cannot even be set up: an unreadable TLS file or a bad address.

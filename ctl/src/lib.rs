@@ -14,13 +14,17 @@ pub mod output;
 
 use std::process::ExitCode;
 
+use flotilla_common::logging::{self, LogFormat, TracingConfig};
+use tracing::Instrument;
+
 /// A mistake in how flotctl was called or configured: exit status 64.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
 
 /// Runs flotctl with parsed arguments; returns the process exit status.
-pub fn main_with(args: cli::Cli, env: context::Env) -> ExitCode {
+/// `command` names what was run (`exec`, `nodes ls`) for the trace's root span.
+pub fn main_with(args: cli::Cli, env: context::Env, command: &str) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -28,7 +32,35 @@ pub fn main_with(args: cli::Cli, env: context::Env) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cmd::dispatch(args, env)) {
+    let default_filter = if matches!(args.command, cli::Command::Demo(_)) { "info" } else { "warn" };
+    let export = TracingConfig {
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        otlp_ca: args.otlp_ca.clone(),
+        ..TracingConfig::default()
+    };
+    // The exporter's gRPC channel starts its connection task on this runtime.
+    let spans = {
+        let _runtime = runtime.enter();
+        logging::init(LogFormat::Text, default_filter, &export, "flotctl")
+    };
+    let spans = match spans {
+        Ok(spans) => spans,
+        Err(e) => {
+            eprintln!(
+                "flotctl: {}",
+                e.to_string()
+                    .replace("tracing.otlp_endpoint", "--otlp-endpoint")
+                    .replace("tracing.otlp_ca", "--otlp-ca")
+            );
+            return ExitCode::from(64);
+        }
+    };
+    // The root of this invocation's trace: every Fleet call carries its context (see `client`).
+    let root = tracing::info_span!("flotctl", otel.name = format!("flotctl {command}"), otel.kind = "client");
+    let result = runtime.block_on(cmd::dispatch(args, env).instrument(root));
+    // Before the runtime ends: the root span has closed, so its batch goes now.
+    spans.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("flotctl: {}", render(&error));

@@ -3,6 +3,7 @@
 //! types: sizes are bounded, numbers are finite, names are well-formed.
 
 use std::collections::BTreeMap;
+use std::fmt::Display;
 
 use flotilla_common::model::{
     CollectorStatus, FilesystemSample, GatewayInfo, GpuInfo, GpuProcess, GpuSample, GpuSourceKind, HostSample,
@@ -43,61 +44,81 @@ fn err(field: impl Into<String>, problem: impl Into<String>) -> WireError {
     WireError { field: field.into(), problem: problem.into() }
 }
 
-fn check_len(field: &str, len: usize, max: usize) -> Result<(), WireError> {
+// The checks take a field path as anything displayable and format it only when
+// they fail: a batch is checked field by field, and building every path as a
+// `String` up front was the costliest part of decoding a batch.
+
+/// A field of the `index`th element of a list: `telemetry.gpus[3].power_watts`.
+#[derive(Debug, Clone, Copy)]
+struct Indexed {
+    list: &'static str,
+    index: u32,
+    field: &'static str,
+}
+
+impl Display for Indexed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}].{}", self.list, self.index, self.field)
+    }
+}
+
+fn check_len<F: Display + ?Sized>(field: &F, len: usize, max: usize) -> Result<(), WireError> {
     if len > max {
-        return Err(err(field, format!("{len} entries; at most {max} are allowed")));
+        return Err(err(field.to_string(), format!("{len} entries; at most {max} are allowed")));
     }
     Ok(())
 }
 
-fn check_str(field: &str, s: &str, limits: &Limits) -> Result<(), WireError> {
+fn check_str<F: Display + ?Sized>(field: &F, s: &str, limits: &Limits) -> Result<(), WireError> {
     if s.len() > limits.max_string {
-        return Err(err(field, format!("{} bytes; at most {} are allowed", s.len(), limits.max_string)));
+        return Err(err(field.to_string(), format!("{} bytes; at most {} are allowed", s.len(), limits.max_string)));
     }
     if s.chars().any(char::is_control) {
-        return Err(err(field, "contains control characters"));
+        return Err(err(field.to_string(), "contains control characters"));
     }
     Ok(())
 }
 
-fn check_finite(field: &str, v: f64) -> Result<f64, WireError> {
+fn check_finite<F: Display + ?Sized>(field: &F, v: f64) -> Result<f64, WireError> {
     if !v.is_finite() {
-        return Err(err(field, format!("{v} is not a finite number")));
+        return Err(err(field.to_string(), format!("{v} is not a finite number")));
     }
     Ok(v)
 }
 
-fn check_ratio(field: &str, v: Option<f64>) -> Result<Option<f64>, WireError> {
+fn check_ratio<F: Display + ?Sized>(field: &F, v: Option<f64>) -> Result<Option<f64>, WireError> {
     match v {
-        Some(r) if !(0.0..=1.0).contains(&check_finite(field, r)?) => Err(err(field, format!("{r} is outside 0..=1"))),
+        Some(r) if !(0.0..=1.0).contains(&check_finite(field, r)?) => {
+            Err(err(field.to_string(), format!("{r} is outside 0..=1")))
+        }
         other => Ok(other),
     }
 }
 
-fn check_opt(field: &str, v: Option<f64>) -> Result<Option<f64>, WireError> {
+fn check_opt<F: Display + ?Sized>(field: &F, v: Option<f64>) -> Result<Option<f64>, WireError> {
     v.map(|x| check_finite(field, x)).transpose()
 }
 
 /// Prometheus metric and label names: `[a-zA-Z_:][a-zA-Z0-9_:]*` (no colon in labels).
-fn check_name(field: &str, s: &str, allow_colon: bool) -> Result<(), WireError> {
+fn check_name<F: Display + ?Sized>(field: &F, s: &str, allow_colon: bool) -> Result<(), WireError> {
     let ok_first = |c: char| c.is_ascii_alphabetic() || c == '_' || (allow_colon && c == ':');
     let ok_rest = |c: char| ok_first(c) || c.is_ascii_digit();
     let mut chars = s.chars();
     match chars.next() {
         Some(c) if ok_first(c) && chars.all(ok_rest) => Ok(()),
-        _ => Err(err(field, format!("{s:?} is not a valid Prometheus name"))),
+        _ => Err(err(field.to_string(), format!("{s:?} is not a valid Prometheus name"))),
     }
 }
 
-fn labels_from_wire(
-    field: &str,
+fn labels_from_wire<F: Display + ?Sized>(
+    field: &F,
     labels: std::collections::HashMap<String, String>,
     limits: &Limits,
 ) -> Result<BTreeMap<String, String>, WireError> {
     check_len(field, labels.len(), limits.max_labels)?;
     for (k, v) in &labels {
-        check_name(&format!("{field}.key"), k, false)?;
-        check_str(&format!("{field}[{k}]"), v, limits)?;
+        check_name(&format_args!("{field}.key"), k, false)?;
+        check_str(&format_args!("{field}[{k}]"), v, limits)?;
     }
     Ok(labels.into_iter().collect())
 }
@@ -121,8 +142,8 @@ impl TryFrom<pb::Inventory> for Inventory {
         check_len("inventory.gpus", w.gpus.len(), l.max_gpus)?;
         let mut gpus = Vec::with_capacity(w.gpus.len());
         for (i, g) in w.gpus.into_iter().enumerate() {
-            check_str(&format!("inventory.gpus[{i}].uuid"), &g.uuid, &l)?;
-            check_str(&format!("inventory.gpus[{i}].model"), &g.model, &l)?;
+            check_str(&format_args!("inventory.gpus[{i}].uuid"), &g.uuid, &l)?;
+            check_str(&format_args!("inventory.gpus[{i}].model"), &g.model, &l)?;
             gpus.push(GpuInfo {
                 index: g.index,
                 uuid: g.uuid,
@@ -225,10 +246,10 @@ impl TryFrom<pb::TelemetryBatch> for TelemetryBatch {
         let host = w.host.map(|h| host_from_wire(h, &l)).transpose()?;
         let mut samples = Vec::with_capacity(w.samples.len());
         for (i, s) in w.samples.into_iter().enumerate() {
-            check_name(&format!("telemetry.samples[{i}].name"), &s.name, true)?;
-            check_str(&format!("telemetry.samples[{i}].name"), &s.name, &l)?;
+            check_name(&format_args!("telemetry.samples[{i}].name"), &s.name, true)?;
+            check_str(&format_args!("telemetry.samples[{i}].name"), &s.name, &l)?;
             samples.push(Sample {
-                labels: labels_from_wire(&format!("telemetry.samples[{i}].labels"), s.labels, &l)?,
+                labels: labels_from_wire(&format_args!("telemetry.samples[{i}].labels"), s.labels, &l)?,
                 name: s.name,
                 // NaN and ±Inf are legal Prometheus values (e.g. a quantile with no data).
                 value: s.value,
@@ -247,7 +268,8 @@ impl TryFrom<pb::TelemetryBatch> for TelemetryBatch {
 
 fn gpu_from_wire(g: pb::GpuSample) -> Result<GpuSample, WireError> {
     let l = Limits::DEFAULT;
-    let f = |name: &str| format!("telemetry.gpus[{}].{name}", g.index);
+    let index = g.index;
+    let f = |field: &'static str| Indexed { list: "telemetry.gpus", index, field };
     check_str(&f("uuid"), &g.uuid, &l)?;
     check_len(&f("xid_events"), g.xid_events.len(), l.max_list)?;
     check_len(&f("processes"), g.processes.len(), l.max_list)?;
@@ -255,17 +277,17 @@ fn gpu_from_wire(g: pb::GpuSample) -> Result<GpuSample, WireError> {
         g.xid_events.iter().map(|x| XidCount { code: x.code, count: x.count }).collect();
     xid_events.sort_by_key(|x| x.code);
     if xid_events.windows(2).any(|w| w[0].code == w[1].code) {
-        return Err(err(f("xid_events"), "an XID code appears twice"));
+        return Err(err(f("xid_events").to_string(), "an XID code appears twice"));
     }
     let mut processes = Vec::with_capacity(g.processes.len());
-    for p in &g.processes {
+    for p in g.processes {
         check_str(&f("processes.name"), &p.name, &l)?;
-        processes.push(GpuProcess { pid: p.pid, name: p.name.clone(), used_memory_bytes: p.used_memory_bytes });
+        processes.push(GpuProcess { pid: p.pid, name: p.name, used_memory_bytes: p.used_memory_bytes });
     }
     if let (Some(used), Some(total)) = (g.memory_used_bytes, g.memory_total_bytes)
         && used > total
     {
-        return Err(err(f("memory_used_bytes"), format!("{used} exceeds memory_total_bytes {total}")));
+        return Err(err(f("memory_used_bytes").to_string(), format!("{used} exceeds memory_total_bytes {total}")));
     }
     Ok(GpuSample {
         utilization_ratio: check_ratio(&f("utilization_ratio"), g.utilization_ratio)?,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use flotilla_common::pki::{self, CaInit, CertPaths};
 use flotilla_common::{Identity, NodeId, Role};
 
+pub mod cluster;
 pub mod nginx;
 
 /// How long `eventually` waits by default: a hang guard, not a speed claim.
@@ -663,7 +664,7 @@ fn image_id(image: &str) -> Option<String> {
 }
 
 /// The absolute paths of the shared libraries and the loader `ldd` lists for `binary`.
-fn shared_libraries(binary: &Path) -> Vec<PathBuf> {
+pub(crate) fn shared_libraries(binary: &Path) -> Vec<PathBuf> {
     let out = run_ok(Command::new("ldd").arg(binary));
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -676,13 +677,13 @@ fn shared_libraries(binary: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn run_ok(cmd: &mut Command) -> Output {
+pub(crate) fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 

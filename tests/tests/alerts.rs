@@ -438,5 +438,5 @@ fn the_default_rules_pass_promtool() {
         .output()
         .expect("promtool is missing: install the Debian package prometheus (./x test does)");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 19 rules found"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 20 rules found"));
 }

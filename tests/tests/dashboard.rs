@@ -110,7 +110,7 @@ fn exported_series() -> BTreeMap<String, BTreeSet<String>> {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
     let view = FleetView::default();
     view.set_inventory(&node, inventory);
-    assert!(view.observe(&node, &batch));
+    assert!(view.observe(&node, &Arc::new(batch.clone())));
     let exporter = Exporter {
         view,
         registry: Registry::default(),

@@ -237,6 +237,36 @@ fn an_expired_token_is_refused_with_the_reason() {
 }
 
 #[test]
+fn a_revoked_token_is_refused_as_unknown_and_the_revocation_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let (controller, enroll_url) = controller(dir.path(), &pki, "");
+    let url = controller.url();
+    let token = create_token(&pki, &url, &["--uses", "5"]);
+    let id = only_token(&pki, &url)["id"].as_str().unwrap().to_owned();
+    let no_reason = flotctl(&pki, &url, &["token", "revoke", &id, "--reason", " "]);
+    assert_eq!(no_reason.status.code(), Some(1), "{no_reason:?}");
+    let unknown = flotctl(&pki, &url, &["token", "revoke", "0000000000000000", "--reason", "x"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no join token"), "{unknown:?}");
+    let revoked = flotctl(&pki, &url, &["token", "revoke", &id, "--reason", "posted in a chat", "-o", "json"]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    assert_eq!(json(&revoked)["uses_left"], 5);
+    let listed = json(&flotctl(&pki, &url, &["token", "ls", "-o", "json"]));
+    assert_eq!(listed.as_array().unwrap().len(), 0, "gone: {listed}");
+
+    let mut agent = Enrolling::start(dir.path(), &controller, &enroll_url, "gpu-leak", &token, &[]);
+    let (status, log) = agent.wait_exit();
+    assert!(!status.success());
+    assert!(log.contains("refused enrollment"), "{log}");
+    let actions = audit_actions(&pki, &url);
+    assert!(
+        actions.iter().any(|(a, t, d)| a == "token.revoke" && *t == id && d.contains("posted in a chat")),
+        "{actions:?}"
+    );
+    assert!(actions.iter().any(|(a, t, _)| a == "node.enroll.refused" && t == "gpu-leak"), "{actions:?}");
+}
+
+#[test]
 fn a_wrong_ca_fingerprint_makes_the_agent_refuse_the_controller() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));

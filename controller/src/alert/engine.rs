@@ -192,7 +192,7 @@ struct Inner {
     /// Set when the restart grace is over and evaluation has started.
     evaluating: std::sync::atomic::AtomicBool,
     /// Committed batches on their way to [`Engine::ingest`].
-    intake: tokio::sync::mpsc::Sender<Vec<(NodeId, TelemetryBatch)>>,
+    intake: tokio::sync::mpsc::Sender<Vec<(NodeId, Arc<TelemetryBatch>)>>,
 }
 
 /// The alert engine; cheap to clone.
@@ -324,7 +324,7 @@ impl Engine {
                     let Some(batches) = batches else { break };
                     let engine = engine.clone();
                     let done = tokio::task::spawn_blocking(move || {
-                        let refs: Vec<(&NodeId, &TelemetryBatch)> = batches.iter().map(|(n, b)| (n, b)).collect();
+                        let refs: Vec<(&NodeId, &TelemetryBatch)> = batches.iter().map(|(n, b)| (n, &**b)).collect();
                         engine.ingest(&refs);
                     })
                     .await;
@@ -352,7 +352,7 @@ impl Engine {
 
     /// Hands committed batches to the engine's intake task (after their acks are
     /// out); waits while it is [`INTAKE_DEPTH`] commits behind.
-    pub async fn submit(&self, batches: Vec<(NodeId, TelemetryBatch)>) {
+    pub async fn submit(&self, batches: Vec<(NodeId, Arc<TelemetryBatch>)>) {
         if self.rules().groups.is_empty() {
             return;
         }

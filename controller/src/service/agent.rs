@@ -101,7 +101,15 @@ impl AgentService for AgentApi {
             "agent connected"
         );
 
-        let stream = StreamSession { ctx: self.ctx.clone(), node: cert_node, session, out: out_tx, last_seq: 0 };
+        let stream = StreamSession {
+            ctx: self.ctx.clone(),
+            node: cert_node,
+            session,
+            out: out_tx,
+            last_seq: 0,
+            clock: crate::clock::ClockEstimate::default(),
+            reading: None,
+        };
         self.ctx.tracker.spawn(stream.run(inbound, down_rx).instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
@@ -188,6 +196,9 @@ struct StreamSession {
     out: Outbound,
     /// The highest seq seen on this stream: seqs must increase within a stream.
     last_seq: u64,
+    /// The agent's clock, from the send times of its heartbeats.
+    clock: crate::clock::ClockEstimate,
+    reading: Option<crate::clock::ClockReading>,
 }
 
 impl StreamSession {
@@ -256,7 +267,10 @@ impl StreamSession {
     async fn handle(&mut self, msg: pb::AgentMessage, acks: &mpsc::Sender<Vec<u64>>) -> Result<(), Status> {
         self.ctx.registry.touch(&self.node, self.session.id);
         match msg.body {
-            Some(Up::Heartbeat(_)) => Ok(()),
+            Some(Up::Heartbeat(hb)) => {
+                self.on_heartbeat(&hb);
+                Ok(())
+            }
             Some(Up::Telemetry(batch)) => self.on_telemetry(batch, acks).await,
             Some(Up::Hello(_)) => Err(Status::failed_precondition("hello may be sent only once per stream")),
             Some(Up::CommandResult(result)) => {
@@ -276,6 +290,35 @@ impl StreamSession {
                 self.out.send(Ok(msg)).await.map_err(|_| Status::cancelled("agent stream closed"))
             }
             None => Err(Status::invalid_argument("empty agent message")),
+        }
+    }
+
+    /// Measures the agent's clock (the agent sends a heartbeat first on every
+    /// stream, so batches find a reading) and logs when it crosses the limit.
+    fn on_heartbeat(&mut self, hb: &pb::Heartbeat) {
+        if hb.sent_unix_ms <= 0 {
+            return;
+        }
+        let max = self.ctx.config.agents.max_clock_skew;
+        let reading = self.clock.observe(hb.sent_unix_ms, now_unix_ms(), max);
+        let was = self.reading.is_some_and(|r| r.skewed);
+        if reading.skewed != was {
+            if reading.skewed {
+                tracing::warn!(
+                    offset_ms = reading.offset_ms,
+                    max_ms = max.as_millis() as u64,
+                    "agent clock skewed; node degraded, its batches stored at controller time"
+                );
+            } else if self.reading.is_some() {
+                tracing::info!(offset_ms = reading.offset_ms, "agent clock back within the allowed skew");
+            }
+        }
+        // The registry (one lock for every stream) hears of changes that show.
+        let shows =
+            self.reading.is_none_or(|r| r.skewed != reading.skewed || (r.offset_ms - reading.offset_ms).abs() >= 100);
+        self.reading = Some(reading);
+        if shows {
+            self.ctx.registry.set_clock(&self.node, self.session.id, reading);
         }
     }
 
@@ -303,7 +346,7 @@ impl StreamSession {
     }
 
     async fn on_telemetry(&mut self, wire: pb::TelemetryBatch, acks: &mpsc::Sender<Vec<u64>>) -> Result<(), Status> {
-        let batch = TelemetryBatch::try_from(wire).map_err(|e| invalid(&self.node, &e))?;
+        let mut batch = TelemetryBatch::try_from(wire).map_err(|e| invalid(&self.node, &e))?;
         if batch.seq <= self.last_seq {
             tracing::warn!(seq = batch.seq, last = self.last_seq, "refused out-of-order batch");
             return Err(Status::invalid_argument(format!(
@@ -312,8 +355,30 @@ impl StreamSession {
             )));
         }
         self.last_seq = batch.seq;
+        if let Some(reading) = self.reading {
+            reading.apply(&mut batch);
+        }
         let job = Job { node: self.node.clone(), batch, stream: self.session.id, acks: acks.clone() };
-        self.ctx.committer.submit(job).await.map_err(|_| Status::unavailable("controller shutting down"))
+        let shutting_down = |_| Status::unavailable("controller shutting down");
+        let job = match self.ctx.committer.try_submit(job) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(job)) => job,
+            Err(mpsc::error::TrySendError::Closed(job)) => return Err(shutting_down(job)),
+        };
+        // The commit queue is full: until it has room this stream reads nothing,
+        // heartbeats included. The wait is the controller's, not the agent's
+        // silence, so the session is kept alive meanwhile (else a busy controller
+        // would call healthy agents down and close their streams).
+        let submit = self.ctx.committer.submit(job);
+        tokio::pin!(submit);
+        loop {
+            tokio::select! {
+                done = &mut submit => return done.map_err(shutting_down),
+                () = tokio::time::sleep(self.session.heartbeat_interval) => {
+                    self.ctx.registry.touch(&self.node, self.session.id);
+                }
+            }
+        }
     }
 
     async fn finish(self) {

@@ -188,6 +188,13 @@ impl Fleet for FleetApi {
         tokens::list_tokens(&self.ctx, request).await
     }
 
+    async fn revoke_join_token(
+        &self,
+        request: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::RevokeJoinTokenResponse>, Status> {
+        tokens::revoke_token(&self.ctx, request).await
+    }
+
     async fn revoke_node(
         &self,
         request: Request<pb::RevokeNodeRequest>,
@@ -387,9 +394,9 @@ impl Fleet for FleetApi {
             .collect::<Result<BTreeSet<_>, _>>()?;
         // Subscribe before reading what is known, so that nothing falls in between.
         let mut watcher = self.ctx.feed.watch(nodes);
-        watcher.prime(
-            self.ctx.view.snapshot().into_iter().filter_map(|(node, n)| n.latest.map(|batch| Update { node, batch })),
-        );
+        watcher.prime(self.ctx.view.snapshot().into_iter().filter_map(|(node, n)| {
+            n.latest.map(|batch| Update { node, batch: std::sync::Arc::unwrap_or_clone(batch) })
+        }));
         let (tx, rx) = mpsc::channel(16);
         self.ctx.tracker.spawn(forward(watcher, tx, self.ctx.shutdown.clone()).instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -381,6 +381,16 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn remove_join_token(&self, id: &str) -> Result<Option<crate::enroll::token::JoinTokenRecord>, StoreError> {
+        let _gate = self.writing();
+        let Some(record) = self.join_tokens()?.into_iter().find(|t| t.id() == id) else {
+            return Ok(None);
+        };
+        self.join_tokens.remove(record.hash).map_err(sled_err("delete join token"))?;
+        self.db.flush().map_err(sled_err("flush join token"))?;
+        Ok(Some(record))
+    }
+
     fn join_tokens(&self) -> Result<Vec<crate::enroll::token::JoinTokenRecord>, StoreError> {
         self.join_tokens
             .iter()
@@ -537,7 +547,7 @@ impl Store for SledStore {
             let rolled_up = self.rollup_watermark(&node.id)?;
             for item in self.telemetry.scan_prefix(keys::telemetry_prefix(&node.id)) {
                 let (k, v) = item.map_err(sled_err("scan telemetry for pruning"))?;
-                let batch: TelemetryBatch = codec::decode(&k, &v)?;
+                let batch: BatchHead = codec::decode(&k, &v)?;
                 // Seqs grow with time, so the first batch young enough (or not yet
                 // rolled up) ends the scan.
                 if batch.created_unix_ms >= cutoff_unix_ms || batch.seq > rolled_up {
@@ -658,6 +668,15 @@ impl Store for SledStore {
         }
         Ok(removed)
     }
+}
+
+/// The leading fields of a stored [`TelemetryBatch`], read without decoding its
+/// samples: pruning looks at every batch past retention and needs only these.
+/// postcard writes fields in declaration order, and these are the first two.
+#[derive(serde::Deserialize)]
+struct BatchHead {
+    seq: u64,
+    created_unix_ms: i64,
 }
 
 impl SledStore {
@@ -791,6 +810,15 @@ mod tests {
         store.commit_batches(&[(a.clone(), batch(5, 1)), (ab.clone(), batch(9, 1))]).unwrap();
         assert_eq!(store.latest_batch(&a).unwrap().unwrap().seq, 5);
         assert_eq!(store.batches(&a, 0, 100).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_batch_head_reads_the_first_fields_of_a_stored_batch() {
+        let mut b = batch(7, 1_700_000_000_123);
+        b.gpus.push(flotilla_common::model::GpuSample { uuid: "GPU-0".into(), ..Default::default() });
+        let bytes = codec::encode(&b).unwrap();
+        let head: BatchHead = codec::decode(b"k", &bytes).unwrap();
+        assert_eq!((head.seq, head.created_unix_ms), (7, 1_700_000_000_123));
     }
 
     #[test]

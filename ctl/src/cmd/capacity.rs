@@ -12,8 +12,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use flotilla_common::capacity::CapacityError;
-use flotilla_proto::pb::fleet_client::FleetClient;
-use tonic::transport::Channel;
 
 use crate::UsageError;
 use crate::cli::{CapacityCmd, ConnArgs};
@@ -77,7 +75,7 @@ fn cell(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 /// [`OPTIONAL_TIMEOUT`]; otherwise the calculation-only note, with why.
 async fn optional<T, F, Fut>(conn: &ConnArgs, config_path: &Path, rpc: &str, call: F) -> Result<T, String>
 where
-    F: FnOnce(FleetClient<Channel>) -> Fut,
+    F: FnOnce(crate::client::Fleet) -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
     let conn = match CtlConfig::load(config_path).and_then(|c| c.resolve(conn, config_path)) {

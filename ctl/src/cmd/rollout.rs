@@ -7,14 +7,13 @@ use std::time::Duration;
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::pb;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::cli::{Format, RolloutCmd, RolloutOpArgs};
 use crate::client::{call, connect, status_error};
 use crate::context::Connection;
 use crate::output;
 
-type Client = pb::fleet_client::FleetClient<Channel>;
+type Client = crate::client::Fleet;
 
 /// How many of the newest events the human status shows.
 const EVENTS_SHOWN: usize = 10;

@@ -77,6 +77,20 @@ pub async fn run(cmd: TokenCmd, conn: &Connection) -> anyhow::Result<()> {
                 )
             })
         }
+        TokenCmd::Revoke { id, reason, output } => {
+            let request = pb::RevokeJoinTokenRequest { id: id.clone(), reason };
+            let resp = call(&format!("revoke join token {id}"), client.revoke_join_token(request).await)?;
+            let view = TokenView::from(resp.token.unwrap_or_default());
+            output::print(output, &view, |t| {
+                format!(
+                    "join token {} revoked: nobody can enroll with it any more ({} of {} uses were left; enrolled: {})",
+                    t.id,
+                    t.uses_left,
+                    t.uses,
+                    if t.enrolled.is_empty() { "none".to_owned() } else { t.enrolled.join(", ") }
+                )
+            })
+        }
         TokenCmd::Ls { output, watch } => {
             let fetch = || {
                 let mut client = client.clone();

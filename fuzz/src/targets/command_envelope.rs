@@ -8,6 +8,8 @@
 //!
 //! Either way the agent also reads the id of an envelope it refuses, without
 //! trusting it, to name the refusal: that read is unauthenticated input too.
+//! Bytes after the envelope are read as its signed trailer and the trace
+//! context in it parsed, as the agent does.
 
 use std::sync::OnceLock;
 
@@ -74,7 +76,12 @@ pub fn run(data: &[u8]) {
     };
     // The id of a refused envelope, read without trusting it (`executor::untrusted_id`).
     let _ = signed.bytes.get(2..).map(postcard::from_bytes::<Envelope<Command>>);
-    let Ok(envelope) = keys.pinned.verify::<Command>(&signed, &keys.me, NOW_UNIX_MS, |_| false) else { return };
+    // With the signed trailer after the envelope (the trace context), as the agent reads it.
+    let Ok((envelope, trailer)) = keys.pinned.verify_with_trailer::<Command>(&signed, &keys.me, NOW_UNIX_MS, |_| false)
+    else {
+        return;
+    };
+    let _ = trailer.trace_parent();
     if mode % 2 == 1 {
         // Ed25519 signatures are deterministic: an accepted one must be the one
         // the key makes, or a forgery (or a malleated copy) got through.

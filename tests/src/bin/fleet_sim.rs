@@ -50,6 +50,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+// The binary's root is `fleet_sim.rs`, so its modules are named by path.
+#[path = "fleet_sim/dead.rs"]
+mod dead;
+#[path = "fleet_sim/machine.rs"]
+mod machine;
+#[path = "fleet_sim/restart.rs"]
+mod restart;
+#[path = "fleet_sim/soak.rs"]
+mod soak;
+
 /// Hang guards, not speed claims.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_PHASE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -145,6 +155,31 @@ struct Args {
     /// that a blue-green step's old and new servers fit the gateway's 64).
     #[arg(long, default_value_t = 0)]
     rollout_deployments: usize,
+    /// Dead-agent detection: this many agents (the last ones) die at random
+    /// moments of the window's first half, alternately killed (stream and
+    /// connection dropped at once, as when the process dies) and silenced
+    /// (connection kept open, nothing sent); an operator polls ListNodes every
+    /// 100 ms and the report gives the time from each death to the node's `down`.
+    #[arg(long, default_value_t = 0)]
+    dead_agents: usize,
+    /// After the run, restart the controller on the same store and time it from
+    /// the process start to its "controller listening" log line and to the
+    /// first agent welcomed.
+    #[arg(long)]
+    restart: bool,
+    /// A TOML file the controller's config starts with (`[telemetry]` retention
+    /// for a soak, `[limits]` or `store_cache_bytes` for a big fleet); --rules
+    /// appends an `[alerting]` table, so with it the file must have none.
+    #[arg(long)]
+    controller_config: Option<PathBuf>,
+    /// Writes a CSV row every --sample-every through the window (controller RSS
+    /// and CPU, store size on disk, batches acked so far); after the run opens the
+    /// store and reports its logical size (keys plus values) and amplification.
+    #[arg(long)]
+    samples_csv: Option<PathBuf>,
+    /// Period of --samples-csv rows.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    sample_every: Duration,
 }
 
 impl Args {
@@ -159,8 +194,11 @@ impl Args {
         if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.interval) {
             bail!("--interval must lie within the controller's 100ms..=60s heartbeat bounds");
         }
-        if self.hot_agents > self.agents {
-            bail!("--hot-agents is above --agents");
+        if self.hot_agents + self.dead_agents > self.agents {
+            bail!("--hot-agents plus --dead-agents is above --agents");
+        }
+        if self.sample_every.is_zero() {
+            bail!("--sample-every must be above zero");
         }
         if self.hot_agents > 0 && self.rules.is_none() {
             bail!("--hot-agents needs --rules with a GPUHighTemperature rule");
@@ -193,6 +231,24 @@ struct Report {
     controller_cpu_seconds: f64,
     controller_peak_rss_bytes: u64,
     errors: usize,
+    agents_connected: usize,
+    connect_seconds: f64,
+    /// Prometheus samples (one value of one series) per batch, as the controller's
+    /// exporter and rules see a batch of this shape; the scale that Prometheus'
+    /// and VictoriaMetrics' "samples per second" use.
+    values_per_batch: usize,
+    values_per_second_acked: f64,
+    simulator_cpu_seconds: f64,
+    /// What the rest of this shared machine used over the window, in cores:
+    /// `/proc/stat`'s busy time less the controller's and the simulator's.
+    others_cpu_cores: f64,
+    /// The controller's VmRSS before the first agent connected, once all had
+    /// connected (before the warm-up), and at the end.
+    controller_rss_start_bytes: u64,
+    controller_rss_connected_bytes: u64,
+    controller_rss_end_bytes: u64,
+    /// The store's files after the run (their lengths).
+    store_disk_bytes: u64,
     /// With --hot-agents: how many of them saw GPUHighTemperature fire, and the
     /// time from the hot batch's creation to the alert's firing.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -209,6 +265,15 @@ struct Report {
     /// With --rollout.
     #[serde(skip_serializing_if = "Option::is_none")]
     rollout: Option<RolloutReport>,
+    /// With --dead-agents.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    dead: Option<dead::DeadReport>,
+    /// With --samples-csv.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    space: Option<soak::SpaceReport>,
+    /// With --restart.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    restart: Option<restart::RestartReport>,
 }
 
 /// The fan-out figures. Latencies are from the operator's side; verification
@@ -241,6 +306,15 @@ fn main() -> ExitCode {
         eprintln!("flotilla-fleet-sim: {e}");
         return ExitCode::from(64);
     }
+    // One socket per agent here and in the controller (which inherits the limit).
+    let files = machine::raise_open_files();
+    if files < args.agents as u64 + 64 {
+        eprintln!(
+            "flotilla-fleet-sim: warning: the open-file limit is {files}; {} agents need about {}",
+            args.agents,
+            args.agents + 64
+        );
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -269,6 +343,7 @@ async fn run(args: Args) -> Result<Report> {
             .context("this executable has no directory")?
             .join("flotilla-controller"),
     };
+    let config = controller_config(&args)?;
     let tmp = tempfile::Builder::new().prefix("flotilla-fleet-sim-").tempdir().context("create a temp dir")?;
     let started = Instant::now();
     let pki_dir = tmp.path().join("pki");
@@ -277,7 +352,8 @@ async fn run(args: Args) -> Result<Report> {
     let (controller_tls, nodes) =
         tokio::task::spawn_blocking(move || make_pki(&pki_dir, n, gateway)).await.context("certificate task")??;
     eprintln!("issued {} agent certificates in {:.1}s", nodes.len(), started.elapsed().as_secs_f64());
-    let mut controller = Controller::start(&bin, tmp.path(), &controller_tls, args.rules.as_deref()).await?;
+    let first = nodes.first().map(|n| SimNode { id: n.id.clone(), tls: n.tls.clone(), gateway: n.gateway });
+    let mut controller = Controller::start(&bin, tmp.path(), &controller_tls, config.as_deref()).await?;
     // On SIGINT or SIGTERM, still stop the controller and remove the temp dir (the
     // store alone can reach gigabytes).
     let interrupted = flotilla_common::shutdown::on_signal();
@@ -287,22 +363,59 @@ async fn run(args: Args) -> Result<Report> {
         () = interrupted.cancelled() => Err(anyhow!("interrupted")),
     };
     let peak_rss = controller.peak_rss_bytes();
+    let end_rss = controller.rss_bytes();
     controller.stop().await;
-    match (outcome, peak_rss) {
-        (Ok((mut report, stored)), Ok(rss)) => {
-            report.controller_peak_rss_bytes = rss;
-            controller.report_problems();
-            let disk = disk_bytes(&tmp.path().join("controller"));
-            let per_batch = disk / stored.max(1) as u64;
-            eprintln!("controller store: {disk} bytes on disk for {stored} batches acked ({per_batch} bytes each)");
-            Ok(report)
+    let (mut report, stored) = match (outcome, peak_rss, end_rss) {
+        (Ok(done), Ok(peak), Ok(end)) => {
+            let (mut report, stored) = done;
+            (report.controller_peak_rss_bytes, report.controller_rss_end_bytes) = (peak, end);
+            (report, stored)
         }
-        (Err(e), _) | (_, Err(e)) => {
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             controller.report_problems();
             eprintln!("controller log tail ({}):\n{}", controller.log.display(), controller.log_tail(30));
-            Err(e)
+            return Err(e);
         }
+    };
+    controller.report_problems();
+    let (disk, _) = machine::disk_bytes(&controller.data_dir);
+    report.store_disk_bytes = disk;
+    let per_batch = disk / stored.max(1) as u64;
+    eprintln!("controller store: {disk} bytes on disk for {stored} batches acked ({per_batch} bytes each)");
+    if args.samples_csv.is_some() {
+        let dir = controller.data_dir.clone();
+        report.space = Some(tokio::task::spawn_blocking(move || soak::space(&dir)).await.context("store scan")??);
     }
+    if args.restart {
+        let node = first.context("no agent to reconnect after the restart")?;
+        let key = controller.command_key().await?;
+        let plan = Plan::new(String::new(), key, &args, 1);
+        report.restart =
+            Some(restart::measure(&bin, tmp.path(), &controller_tls, config.as_deref(), &node, plan).await?);
+    }
+    Ok(report)
+}
+
+/// The controller's config file: --controller-config's text, then (with --rules)
+/// an `[alerting]` table; `None` when both are absent.
+fn controller_config(args: &Args) -> Result<Option<String>> {
+    let mut text = match &args.controller_config {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?,
+        None => String::new(),
+    };
+    if let Some(rules) = &args.rules {
+        let rules = rules.canonicalize().with_context(|| format!("rules file {}", rules.display()))?;
+        // Every agent connects before the window: no restart grace is needed.
+        text.push_str(&format!("\n[alerting]\nrules = {:?}\nrestart_grace = \"0s\"\n", rules.display().to_string()));
+    }
+    Ok((!text.is_empty()).then_some(text))
+}
+
+/// The admin operator's TLS files in the sim's PKI dir.
+fn admin_tls(pki_dir: &Path) -> TlsFiles {
+    let admin =
+        pki::leaf_paths(pki_dir, &Identity::Operator { name: "admin".into(), role: flotilla_common::Role::Admin });
+    TlsFiles::from_pki_dir(pki_dir, &admin)
 }
 
 /// One simulated agent's identity.
@@ -335,7 +448,9 @@ fn make_pki(dir: &Path, agents: usize, gateway: bool) -> Result<(TlsFiles, Vec<S
 async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_dir: &Path) -> Result<(Report, usize)> {
     let key = controller.command_key().await?;
     let ids: Vec<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
+    let rss_start = controller.rss_bytes()?;
     let fleet = Fleet::launch(args, format!("https://{}", controller.addr), key, nodes).await;
+    let rss_connected = controller.rss_bytes()?;
     let start = Instant::now() + args.warmup;
     {
         // Hot agents cross the threshold at random moments of the window's first 80 %.
@@ -344,24 +459,45 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_di
             *slot = Some(start + args.duration.mul_f64(rand::random::<f64>() * 0.8));
         }
     }
+    fleet.deaths.plan(args.dead_agents, start, args.duration);
     sleep_until(start).await;
-    let (cpu0, sim0) = (controller.cpu_seconds()?, cpu_seconds("self")?);
+    let (cpu0, sim0, busy0) =
+        (controller.cpu_seconds()?, machine::cpu_seconds("self")?, machine::machine_busy_seconds()?);
     // The fan-out runs inside the window, beside the telemetry load; it may outlast it.
     let fanout =
         async { if args.fanout_noop { Some(fanout_noop(args, controller, pki_dir, &ids).await) } else { None } };
     let tally = Arc::clone(&fleet.tally);
     let rollout =
         async { if args.rollout { Some(rollout_bench(args, controller, pki_dir, &ids, &tally).await) } else { None } };
+    let dead = async {
+        if args.dead_agents == 0 {
+            return None;
+        }
+        let url = format!("https://{}", controller.addr);
+        Some(dead::watch(&url, &admin_tls(pki_dir), &fleet.deaths, start + args.duration).await)
+    };
+    let samples = async {
+        match &args.samples_csv {
+            Some(csv) => soak::sample(controller, csv, args.sample_every, &tally, start + args.duration).await,
+            None => Ok(()),
+        }
+    };
     let window = async {
         sleep_until(start + args.duration).await;
-        (controller.cpu_seconds(), cpu_seconds("self"), Instant::now())
+        let cpu = (controller.cpu_seconds(), machine::cpu_seconds("self"), machine::machine_busy_seconds());
+        (cpu, Instant::now())
     };
-    let (fanout, rollout, (cpu1, sim1, end)) = tokio::join!(fanout, rollout, window);
-    let (cpu1, sim1) = (cpu1?, sim1?);
+    let (fanout, rollout, dead, samples, ((cpu1, sim1, busy1), end)) =
+        tokio::join!(fanout, rollout, dead, samples, window);
+    let (cpu1, sim1, busy1) = (cpu1?, sim1?, busy1?);
     let fanout = fanout.transpose()?;
     let rollout = rollout.transpose()?;
+    let dead = dead.transpose()?;
+    samples?;
     let window = start..end;
+    let (fleet_connected, connect_seconds) = (fleet.connected, fleet.connect_seconds);
     let (reports, mut errors) = fleet.finish((args.interval * 2).max(DRAIN)).await;
+    let values_per_batch = values_per_batch(args.gpus_per_agent)?;
 
     let mut latencies = Vec::new();
     let (mut sent, mut unacked) = (0, 0);
@@ -377,7 +513,11 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_di
     latencies.sort_unstable();
     let secs = (window.end - window.start).as_secs_f64();
     let acked = latencies.len();
-    eprintln!("window {secs:.1}s: {sent} batches sent, {acked} acked; simulator CPU {:.2}s", sim1 - sim0);
+    let others = ((busy1 - busy0) - (cpu1 - cpu0) - (sim1 - sim0)).max(0.0) / secs;
+    eprintln!(
+        "window {secs:.1}s: {sent} batches sent, {acked} acked; simulator CPU {:.2}s; others' CPU {others:.2} cores",
+        sim1 - sim0
+    );
     for (message, count) in &errors {
         eprintln!("error x{count}: {message}");
     }
@@ -399,12 +539,25 @@ async fn drive(args: &Args, controller: &Controller, nodes: Vec<SimNode>, pki_di
         controller_cpu_seconds: round3(cpu1 - cpu0),
         controller_peak_rss_bytes: 0,
         errors: errors.values().sum(),
+        agents_connected: fleet_connected,
+        connect_seconds: round3(connect_seconds),
+        values_per_batch,
+        values_per_second_acked: round3((acked * values_per_batch) as f64 / secs),
+        simulator_cpu_seconds: round3(sim1 - sim0),
+        others_cpu_cores: round3(others),
+        controller_rss_start_bytes: rss_start,
+        controller_rss_connected_bytes: rss_connected,
+        controller_rss_end_bytes: 0,
+        store_disk_bytes: 0,
         alerts_fired: (args.hot_agents > 0).then_some(alert_latencies.len()),
         alert_latency_p50_ms: percentile_ms(&alert_latencies, 0.50),
         alert_latency_p99_ms: percentile_ms(&alert_latencies, 0.99),
         alert_latency_max_ms: alert_latencies.last().map(|d| round3(d.as_secs_f64() * 1000.0)),
         fanout: fanout.map(|f| f.report(&reports)),
         rollout,
+        dead,
+        space: None,
+        restart: None,
     };
     if args.hot_agents > 0 && alert_latencies.len() < crossings.len() {
         eprintln!("{} of {} hot agents saw no alert fire", crossings.len() - alert_latencies.len(), crossings.len());
@@ -828,10 +981,25 @@ fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
     })
 }
 
+/// Prometheus samples in one batch of the shape the agents send, counted by the
+/// controller's own `series` (what `/metrics` and the rules see).
+fn values_per_batch(gpus: u32) -> Result<usize> {
+    let node = NodeId::new("sim-0001")?;
+    let uuids: Vec<String> = (0..gpus).map(|g| gpu_uuid(0, g)).collect();
+    let batch = flotilla_common::model::TelemetryBatch::try_from(telemetry(1, 0, &uuids))?;
+    let inventory = flotilla_common::model::Inventory::try_from(inventory(&node, 0, gpus, false))?;
+    Ok(flotilla_controller::series::batch_samples(&node, &inventory, &batch).len())
+}
+
 /// The running simulated agents.
 struct Fleet {
     /// When each agent (by index) makes its GPU 0 hot; `None`: never.
     hot_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
+    /// Which agents die, when and how (--dead-agents).
+    deaths: Arc<dead::Deaths>,
+    /// Agents that connected, and how long connecting them all took.
+    connected: usize,
+    connect_seconds: f64,
     /// The commands each agent has received so far.
     tally: Arc<Tally>,
     tasks: JoinSet<AgentReport>,
@@ -843,14 +1011,8 @@ impl Fleet {
     /// Spawns every agent and waits until each has connected or failed to.
     async fn launch(args: &Args, url: String, command_key: PinnedKey, nodes: Vec<SimNode>) -> Self {
         let agents = nodes.len();
-        let plan = Arc::new(Plan {
-            url,
-            command_key,
-            gpus: args.gpus_per_agent,
-            interval: args.interval,
-            agents,
-            epoch: Instant::now(),
-        });
+        let plan = Arc::new(Plan::new(url, command_key, args, agents));
+        let deaths = Arc::new(dead::Deaths::new(agents));
         let gate = Arc::new(Semaphore::new(args.connect_concurrency));
         let (stop, close) = (CancellationToken::new(), CancellationToken::new());
         let (connected_tx, mut connected_rx) = mpsc::channel(agents);
@@ -864,6 +1026,7 @@ impl Fleet {
                 connected: connected_tx.clone(),
                 hot_at: Arc::clone(&hot_at),
                 tally: Arc::clone(&tally),
+                deaths: Arc::clone(&deaths),
                 stop: stop.clone(),
                 close: close.clone(),
             };
@@ -880,7 +1043,7 @@ impl Fleet {
         }
         let secs = plan.epoch.elapsed().as_secs_f64();
         eprintln!("{up} of {agents} agents connected in {secs:.1}s");
-        Self { hot_at, tally, tasks, stop, close }
+        Self { hot_at, deaths, connected: up, connect_seconds: secs, tally, tasks, stop, close }
     }
 
     /// Stops new batches, waits up to `drain` for the acks in flight, then closes
@@ -931,6 +1094,13 @@ struct Plan {
     epoch: Instant,
 }
 
+impl Plan {
+    /// The plan of `agents` agents as `args` asks, from now.
+    fn new(url: String, command_key: PinnedKey, args: &Args, agents: usize) -> Self {
+        Self { url, command_key, gpus: args.gpus_per_agent, interval: args.interval, agents, epoch: Instant::now() }
+    }
+}
+
 /// One agent's handles on the run.
 struct AgentCtl {
     plan: Arc<Plan>,
@@ -938,6 +1108,7 @@ struct AgentCtl {
     connected: mpsc::Sender<bool>,
     hot_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
     tally: Arc<Tally>,
+    deaths: Arc<dead::Deaths>,
     /// Stop making batches; wait for the acks of those in flight.
     stop: CancellationToken,
     /// Stop now.
@@ -1032,17 +1203,28 @@ async fn stream(
     heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let gpus = if host.gateway { 0 } else { plan.gpus };
     let uuids: Vec<String> = (0..gpus).map(|g| gpu_uuid(index, g)).collect();
-    let (mut seq, mut sending) = (0, true);
+    // `silent`: the agent died without closing its connection (--dead-agents).
+    let (mut seq, mut sending, mut silent) = (0, true, false);
     loop {
         tokio::select! {
             () = ctl.close.cancelled() => return Ok(()),
-            () = ctl.stop.cancelled(), if sending => {
+            () = ctl.stop.cancelled(), if sending || silent => {
                 sending = false;
-                if report.pending.is_empty() { return Ok(()) }
+                if silent || report.pending.is_empty() { return Ok(()) }
             }
             _ = batches.tick(), if sending => {
-                seq += 1;
                 let made = Instant::now();
+                if let Some(death) = ctl.deaths.due(index, &report.node, made) {
+                    // A dead agent's batches will never be acknowledged.
+                    report.pending.clear();
+                    match death {
+                        // Dropping the stream and its connection, as the kernel does for a killed process.
+                        dead::Death::Kill => return Ok(()),
+                        dead::Death::Silence => (sending, silent) = (false, true),
+                    }
+                    continue;
+                }
+                seq += 1;
                 let mut batch = telemetry(seq, index, &uuids);
                 batch.samples.extend(host.readiness());
                 let hot = ctl.hot_at.lock().ok().and_then(|h| h.get(index).copied().flatten());
@@ -1056,28 +1238,34 @@ async fn stream(
                 report.pending.insert(seq, made);
                 report.sent.push(made);
             }
-            _ = heartbeats.tick() => {
+            _ = heartbeats.tick(), if !silent => {
                 send(&tx, Up::Heartbeat(pb::Heartbeat { sent_unix_ms: now_unix_ms() })).await?;
             }
-            msg = inbound.message() => match msg? {
-                Some(pb::ControllerMessage { body: Some(Down::Ack(ack)) }) => {
+            msg = inbound.message() => match msg {
+                // The controller closing a silent agent's stream is the point of silence.
+                Err(_) | Ok(None) if silent => return Ok(()),
+                Err(status) => return Err(status.into()),
+                Ok(None) => bail!("the controller closed the stream"),
+                Ok(Some(pb::ControllerMessage { body: Some(Down::Ack(ack)) })) => {
                     let now = Instant::now();
+                    let mut acked = 0;
                     for s in ack.seqs {
                         if let Some(made) = report.pending.remove(&s) {
                             report.acks.push((now, now - made));
+                            acked += 1;
                         }
                     }
+                    ctl.tally.acked.fetch_add(acked, Ordering::Relaxed);
                     if !sending && report.pending.is_empty() { return Ok(()) }
                 }
-                Some(pb::ControllerMessage { body: Some(Down::Command(signed)) }) => {
+                Ok(Some(pb::ControllerMessage { body: Some(Down::Command(signed)) })) => {
                     let result = answer(signed, me, &plan.command_key, report, host);
                     if std::mem::take(&mut host.changed) {
                         send(&tx, Up::Containers(host.report())).await?;
                     }
                     send(&tx, Up::CommandResult(result)).await?;
                 }
-                Some(_) => {}
-                None => bail!("the controller closed the stream"),
+                Ok(Some(_)) => {}
             },
         }
     }
@@ -1123,12 +1311,14 @@ struct Tally {
     per_agent: Vec<[AtomicUsize; KINDS.len()]>,
     /// Commands received again under an id already answered.
     resent: AtomicUsize,
+    /// Batches acknowledged so far, by every agent.
+    acked: AtomicUsize,
 }
 
 impl Tally {
     fn new(agents: usize) -> Self {
         let per_agent = (0..agents).map(|_| std::array::from_fn(|_| AtomicUsize::new(0))).collect();
-        Self { per_agent, resent: AtomicUsize::new(0) }
+        Self { per_agent, resent: AtomicUsize::new(0), acked: AtomicUsize::new(0) }
     }
 
     fn count(&self, agent: usize, name: &str) {
@@ -1408,26 +1598,41 @@ struct Controller {
 
 impl Controller {
     /// Starts the controller on a free loopback port and waits until it accepts TCP.
-    async fn start(bin: &Path, dir: &Path, tls: &TlsFiles, rules: Option<&Path>) -> Result<Self> {
+    async fn start(bin: &Path, dir: &Path, tls: &TlsFiles, config: Option<&str>) -> Result<Self> {
+        let mut controller = Self::spawn(bin, dir, tls, config, "controller.log")?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if tokio::net::TcpStream::connect(controller.addr).await.is_ok() {
+                return Ok(controller);
+            }
+            if let Some(status) = controller.child.try_wait()? {
+                bail!("the controller exited ({status}):\n{}", controller.log_tail(30));
+            }
+            if Instant::now() > deadline {
+                bail!("the controller did not listen on {} within {READY_TIMEOUT:?}", controller.addr);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts the controller on a free loopback port with its store in
+    /// `dir/controller`, `config` (TOML) as its config file and its output in
+    /// `dir/log_name`; does not wait for it.
+    fn spawn(bin: &Path, dir: &Path, tls: &TlsFiles, config: Option<&str>, log_name: &str) -> Result<Self> {
         // The controller cannot report a port it chose, so choose one; a race with
         // another process taking it in between is possible but harmless here.
         let addr =
             std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("find a free port")?;
-        let log = dir.join("controller.log");
+        let log = dir.join(log_name);
         let file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
         let data_dir = dir.join("controller");
         let mut cmd = tokio::process::Command::new(bin);
         cmd.arg("--listen").arg(addr.to_string()).arg("--data-dir").arg(&data_dir);
         cmd.arg("--ca").arg(&tls.ca).arg("--cert").arg(&tls.cert).arg("--key").arg(&tls.key);
-        if let Some(rules) = rules {
-            // Every agent connects before the window: no restart grace is needed.
-            let config = dir.join("controller.toml");
-            let rules = rules.canonicalize().with_context(|| format!("rules file {}", rules.display()))?;
-            std::fs::write(
-                &config,
-                format!("[alerting]\nrules = {:?}\nrestart_grace = \"0s\"\n", rules.display().to_string()),
-            )?;
-            cmd.arg("--config").arg(config);
+        if let Some(text) = config {
+            let path = dir.join("controller.toml");
+            std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
+            cmd.arg("--config").arg(path);
         }
         // Our environment must not reconfigure the controller under test.
         for var in ["FLOTILLA_CONTROLLER_CONFIG", "FLOTILLA_LOG_FORMAT", "RUST_LOG"] {
@@ -1436,20 +1641,7 @@ impl Controller {
         cmd.stdin(Stdio::null()).stdout(Stdio::from(file.try_clone()?)).stderr(Stdio::from(file));
         let child = cmd.kill_on_drop(true).spawn().with_context(|| format!("start {}", bin.display()))?;
         let pid = child.id().context("the controller exited at once")?;
-        let mut controller = Self { child, pid, addr, log, data_dir };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return Ok(controller);
-            }
-            if let Some(status) = controller.child.try_wait()? {
-                bail!("the controller exited ({status}):\n{}", controller.log_tail(30));
-            }
-            if Instant::now() > deadline {
-                bail!("the controller did not listen on {addr} within {READY_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        Ok(Self { child, pid, addr, log, data_dir })
     }
 
     /// The public command key the controller writes to its data dir, which every
@@ -1467,19 +1659,17 @@ impl Controller {
     }
 
     fn cpu_seconds(&self) -> Result<f64> {
-        cpu_seconds(&self.pid.to_string())
+        machine::cpu_seconds(&self.pid.to_string())
     }
 
     /// Peak resident set size (VmHWM) in bytes.
     fn peak_rss_bytes(&self) -> Result<u64> {
-        let path = format!("/proc/{}/status", self.pid);
-        let status = std::fs::read_to_string(&path).with_context(|| path.clone())?;
-        let kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .with_context(|| format!("{path}: no VmHWM"))?;
-        Ok(kib * 1024)
+        machine::status_bytes(self.pid, "VmHWM")
+    }
+
+    /// Resident set size now (VmRSS) in bytes.
+    fn rss_bytes(&self) -> Result<u64> {
+        machine::status_bytes(self.pid, "VmRSS")
     }
 
     /// SIGTERM, then SIGKILL if it does not exit within the grace.
@@ -1510,39 +1700,6 @@ impl Controller {
             eprintln!("  {line}");
         }
     }
-}
-
-/// Bytes of the files under `dir`, recursively.
-fn disk_bytes(dir: &Path) -> u64 {
-    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
-    entries
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-/// User plus system CPU time of a process (`self` or a pid), in seconds.
-fn cpu_seconds(pid: &str) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| path.clone())?;
-    // The command name (field 2) may hold spaces; the fields after its ')' do not.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-    let field = |n: usize| -> Result<u64> {
-        // Field n (1-based, man 5 proc) is at n - 3 once pid and comm are cut off.
-        let v = fields.get(n - 3).with_context(|| format!("{path}: short"))?;
-        v.parse().with_context(|| format!("{path}: field {n} is {v:?}"))
-    };
-    Ok((field(14)? + field(15)?) as f64 / clock_ticks())
-}
-
-#[allow(unsafe_code)]
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf(3) only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
 #[allow(unsafe_code)]

@@ -86,3 +86,33 @@ pub async fn list_tokens(
     let now = now_unix_ms();
     Ok(Response::new(pb::ListJoinTokensResponse { tokens: records.into_iter().map(|r| info(r, now)).collect() }))
 }
+
+#[tracing::instrument(skip_all, fields(token_id = %request.get_ref().id))]
+pub async fn revoke_token(
+    ctx: &Context,
+    request: Request<pb::RevokeJoinTokenRequest>,
+) -> Result<Response<pb::RevokeJoinTokenResponse>, Status> {
+    let actor = admin(&request)?;
+    let req = request.into_inner();
+    let reason = req.reason.trim().to_owned();
+    if reason.is_empty() || reason.chars().count() > 512 || reason.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "a reason (one line, at most 512 characters) is required: it goes to the audit log",
+        ));
+    }
+    let store = ctx.store.clone();
+    let id = req.id.clone();
+    let known = blocking("reading join tokens", move || store.join_tokens()).await?.into_iter().any(|t| t.id() == id);
+    if !known {
+        return Err(Status::not_found(format!("no join token {:?}; `flotctl token ls` lists them", req.id)));
+    }
+    super::ops::audit(ctx, &actor, "token.revoke", &req.id, serde_json::json!({ "reason": reason })).await?;
+    let store = ctx.store.clone();
+    let id = req.id.clone();
+    let removed = blocking("deleting the join token", move || store.remove_join_token(&id)).await?;
+    let Some(record) = removed else {
+        return Err(Status::not_found(format!("join token {:?} was deleted a moment ago", req.id)));
+    };
+    tracing::warn!(%actor, %reason, "join token revoked");
+    Ok(Response::new(pb::RevokeJoinTokenResponse { token: Some(info(record, now_unix_ms())) }))
+}

@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use flotilla_common::time::now_unix_ms;
 use flotilla_proto::pb;
-use flotilla_proto::pb::fleet_client::FleetClient;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::model::Link;
 use crate::client::status_error;
@@ -43,7 +41,7 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 /// Keeps `WatchTelemetry` open until `cancel`, forwarding each batch.
-pub async fn watch(mut client: FleetClient<Channel>, tx: mpsc::Sender<Update>, cancel: CancellationToken) {
+pub async fn watch(mut client: crate::client::Fleet, tx: mpsc::Sender<Update>, cancel: CancellationToken) {
     let mut failures = 0u32;
     loop {
         if tx.send(Update::Link(Link::Connecting)).await.is_err() {
@@ -101,7 +99,7 @@ pub async fn watch(mut client: FleetClient<Channel>, tx: mpsc::Sender<Update>, c
 
 /// Lists nodes and alerts every `every`, and at once when `now` is notified.
 pub async fn poll(
-    mut client: FleetClient<Channel>,
+    mut client: crate::client::Fleet,
     every: Duration,
     now: Arc<Notify>,
     tx: mpsc::Sender<Update>,
