@@ -38,7 +38,8 @@ pub struct Config {
     /// How often telemetry is collected and sent.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// How often a heartbeat is sent (defaults to `interval`).
+    /// How often a heartbeat is sent (defaults to `interval`, at most
+    /// [`DEFAULT_HEARTBEAT_CAP`]).
     #[serde(with = "humantime_serde", default)]
     pub heartbeat_interval: Option<Duration>,
     /// The directory models are loaded from: its filesystem is reported by name
@@ -106,6 +107,11 @@ pub struct UplinkConfig {
     /// Diagnostics: append every acknowledged seq to this file, one a line.
     pub ack_log: Option<PathBuf>,
 }
+
+/// The heartbeat interval when none is set and `interval` is longer: the
+/// controller calls a node down after `missed_heartbeats` (3) silent intervals,
+/// and a silent agent must be seen within 10 s (a heartbeat is a few bytes).
+pub const DEFAULT_HEARTBEAT_CAP: Duration = Duration::from_secs(2);
 
 impl Default for Config {
     fn default() -> Self {
@@ -204,7 +210,7 @@ impl Config {
 
     /// The effective heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
-        self.heartbeat_interval.unwrap_or(self.interval)
+        self.heartbeat_interval.unwrap_or(self.interval.min(DEFAULT_HEARTBEAT_CAP))
     }
 
     /// Checks the values that parsing cannot.
@@ -290,6 +296,19 @@ mod tests {
         assert_eq!(c.interval, Duration::from_secs(5));
         assert_eq!(c.labels.get("rack").map(String::as_str), Some("r1"));
         assert_eq!(c.runtime, crate::runtime::RuntimeConfig::default());
+        assert_eq!(c.heartbeat(), Duration::from_secs(2), "a 5 s interval heartbeats every 2 s");
+    }
+
+    #[test]
+    fn the_heartbeat_follows_a_short_interval_and_an_explicit_setting() {
+        let at = |interval: u64, heartbeat: Option<u64>| Config {
+            interval: Duration::from_millis(interval),
+            heartbeat_interval: heartbeat.map(Duration::from_millis),
+            ..Config::default()
+        };
+        assert_eq!(at(1000, None).heartbeat(), Duration::from_secs(1));
+        assert_eq!(at(30_000, None).heartbeat(), DEFAULT_HEARTBEAT_CAP);
+        assert_eq!(at(30_000, Some(10_000)).heartbeat(), Duration::from_secs(10), "an explicit setting wins");
     }
 
     #[test]

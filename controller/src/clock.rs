@@ -66,8 +66,8 @@ impl ClockReading {
         let side = if self.offset_ms > 0 { "ahead of" } else { "behind" };
         Some(format!(
             "agent clock {secs:.1}s {side} the controller's (beyond agents.max_clock_skew): \
-             its samples are stored at controller time and it may refuse signed commands \
-             as outside their validity; fix the node's time sync"
+             its samples are stored at controller time and its commands signed in its own; \
+             fix the node's time sync"
         ))
     }
 

@@ -92,9 +92,20 @@ impl Controller {
         std::fs::create_dir_all(&data_dir)
             .map_err(|source| ControllerError::DataDir { path: data_dir.display().to_string(), source })?;
         let store_path = data_dir.join("store");
-        let cache = config.store_cache_bytes;
+        let options =
+            store::StoreOptions { cache_bytes: config.store_cache_bytes, compress_new: config.store_compression };
+        if let Some(compressed) = store::created_compressed(&store_path).filter(|c| *c != options.compress_new) {
+            tracing::info!(
+                path = %store_path.display(),
+                compressed,
+                "store_compression = {} applies to new stores only: this store was created {}; \
+                 to change it, back up and restore into a new data dir",
+                options.compress_new,
+                if compressed { "compressed" } else { "uncompressed" },
+            );
+        }
         let store: Arc<dyn store::Store> = Arc::new(
-            tokio::task::spawn_blocking(move || store::HealingStore::open(&store_path, cache)).await.map_err(
+            tokio::task::spawn_blocking(move || store::HealingStore::open(&store_path, options)).await.map_err(
                 |e| ControllerError::DataDir { path: data_dir.display().to_string(), source: std::io::Error::other(e) },
             )??,
         );

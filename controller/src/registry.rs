@@ -164,6 +164,15 @@ impl Registry {
         }
     }
 
+    /// `now_unix_ms` (controller time) on `node`'s own clock, as its heartbeats
+    /// measured it; unchanged before the first reading. Commands are signed in
+    /// the agent's time: it judges their validity by its clock, so an agent whose
+    /// clock is off still takes them (it is degraded and told to fix its time).
+    pub fn agent_time(&self, node: &NodeId, now_unix_ms: i64) -> i64 {
+        let offset = self.lock().sessions.get(node).and_then(|s| s.clock).map_or(0, |c| c.offset_ms);
+        now_unix_ms.saturating_add(offset)
+    }
+
     /// Removes session `id` of `node` and returns it; a newer session is left alone.
     pub fn close(&self, node: &NodeId, id: u64) -> Option<Session> {
         let mut inner = self.lock();
@@ -268,6 +277,8 @@ mod tests {
         let (state, reason) = node_state(reg.session(&n).as_ref(), Some(&bad), Instant::now(), 3);
         assert_eq!(state, NodeState::Degraded);
         assert!(reason.starts_with("agent clock 600.0s ahead") && reason.contains("collector gpu"), "{reason}");
+        assert_eq!(reg.agent_time(&n, 1_000), 601_000, "commands are signed in the agent's time");
+        assert_eq!(reg.agent_time(&NodeId::new("other").unwrap(), 1_000), 1_000);
         reg.set_clock(&n, s.id, crate::clock::ClockReading { offset_ms: 600_000, skewed: false });
         assert_eq!(node_state(reg.session(&n).as_ref(), None, Instant::now(), 3).0, NodeState::Up);
 

@@ -18,7 +18,7 @@ use crate::alert::state::{AlertEvent, AlertRecord, Silence};
 use crate::rollup::{Aggregate, MinuteRollup, SeriesKey};
 
 pub use healing::HealingStore;
-pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
+pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore, StoreOptions, created_compressed, sled_config};
 
 /// The schema this build writes. Bump it with a migration in `sled_store`.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -80,6 +80,11 @@ pub enum Committed {
 pub trait Store: Send + Sync + 'static {
     /// Saves a node record and flushes it.
     fn commit_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    /// Sets a node's `last_seen_unix_ms` when its agent disconnects, without a
+    /// flush of its own: nothing was acknowledged, a crash only loses a little
+    /// freshness, and a thousand agents leaving at once must not mean a thousand
+    /// flushes. sled flushes it within its flush interval (500 ms) or with the next commit.
+    fn save_last_seen(&self, id: &NodeId, last_seen_unix_ms: i64) -> Result<(), StoreError>;
     /// One node's record.
     fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError>;
     /// Every node record, ordered by id.

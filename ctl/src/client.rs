@@ -195,6 +195,45 @@ pub fn call<T>(what: &str, r: Result<tonic::Response<T>, tonic::Status>) -> anyh
     r.map(tonic::Response::into_inner).map_err(|s| status_error(what, &s))
 }
 
+/// The longest flotctl waits, in all, on the controller's pushback for one call.
+const MAX_PUSHBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long the controller asked the caller to wait before trying again: its
+/// rate limit and load shedding refuse a call *before* running it and say so in
+/// `grpc-retry-pushback-ms`, so such a call is safe to send again.
+fn pushback(status: &tonic::Status) -> Option<std::time::Duration> {
+    if status.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    let ms: u64 = status.metadata().get("grpc-retry-pushback-ms")?.to_str().ok()?.trim().parse().ok()?;
+    Some(std::time::Duration::from_millis(ms.clamp(1, 10_000)))
+}
+
+/// Makes the call `attempt` makes, again after the controller's pushback while
+/// it refuses it unrun (rate limit, load shedding), for up to a minute in all:
+/// a fan-out over many nodes slows to the controller's pace instead of failing.
+pub async fn with_pushback<T, F, Fut>(mut attempt: F) -> Result<tonic::Response<T>, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        let refused = match attempt().await {
+            Err(status) => status,
+            answer => return answer,
+        };
+        match pushback(&refused) {
+            Some(wait) if waited + wait <= MAX_PUSHBACK_WAIT => {
+                tracing::debug!(wait_ms = wait.as_millis() as u64, "controller pushed back; trying again");
+                tokio::time::sleep(wait).await;
+                waited += wait;
+            }
+            _ => return Err(refused),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -205,6 +244,45 @@ mod tests {
 
     fn said(what: &str, status: Status) -> String {
         status_error(what, &status).to_string()
+    }
+
+    fn pushed_back(ms: &str) -> Status {
+        let mut s = Status::resource_exhausted("rate limit: retry in 5 ms");
+        s.metadata_mut().insert("grpc-retry-pushback-ms", ms.parse().unwrap());
+        s
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_refused_unrun_is_made_again_after_the_pushback() {
+        let mut calls = 0;
+        let answer = with_pushback(|| {
+            calls += 1;
+            let n = calls;
+            async move { if n < 3 { Err(pushed_back("5")) } else { Ok(tonic::Response::new(n)) } }
+        })
+        .await;
+        assert_eq!(answer.unwrap().into_inner(), 3);
+
+        // Other refusals, and a pushback without its trailer, are the caller's to handle.
+        let mut calls = 0;
+        let answer: Result<tonic::Response<()>, Status> = with_pushback(|| {
+            calls += 1;
+            async { Err(Status::resource_exhausted("quota")) }
+        })
+        .await;
+        assert_eq!((answer.unwrap_err().code(), calls), (Code::ResourceExhausted, 1));
+        assert_eq!(pushback(&Status::unavailable("x")), None);
+        assert_eq!(pushback(&pushed_back("nope")), None);
+
+        // It gives up after a minute of waiting in all.
+        let mut calls = 0u32;
+        let answer: Result<tonic::Response<()>, Status> = with_pushback(|| {
+            calls += 1;
+            async { Err(pushed_back("10000")) }
+        })
+        .await;
+        assert!(answer.is_err());
+        assert_eq!(calls, 7, "six waits of 10 s, then the refusal");
     }
 
     #[test]

@@ -81,6 +81,16 @@ impl Pki {
         paths
     }
 
+    /// The certificate of operator `name` with `role`, issued on first use.
+    pub fn operator(&self, name: &str, role: Role) -> CertPaths {
+        let id = Identity::Operator { name: name.into(), role };
+        let paths = pki::leaf_paths(&self.dir, &id);
+        if !paths.cert.exists() {
+            pki::issue(&self.dir, &id, pki::LEAF_VALIDITY, false).expect("issue operator certificate");
+        }
+        paths
+    }
+
     /// The admin operator certificate `ca init` wrote.
     pub fn admin(&self) -> CertPaths {
         pki::leaf_paths(&self.dir, &Identity::Operator { name: "admin".into(), role: Role::Admin })

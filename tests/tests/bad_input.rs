@@ -21,7 +21,7 @@
 
 use std::time::{Duration, Instant};
 
-use flotilla_common::pki::{self, CertPaths};
+use flotilla_common::pki::CertPaths;
 use flotilla_common::tls::TlsFiles;
 use flotilla_common::{Identity, Role};
 use flotilla_proto::pb;
@@ -51,16 +51,6 @@ async fn channel(pki: &Pki, url: &str, cert: &CertPaths) -> Channel {
 
 async fn admin(pki: &Pki, url: &str) -> FleetClient<Channel> {
     FleetClient::new(channel(pki, url, &pki.admin()).await).max_encoding_message_size(64 << 20)
-}
-
-/// An operator certificate for `name` with `role`, issued on first use.
-fn operator(pki: &Pki, name: &str, role: Role) -> CertPaths {
-    let id = Identity::Operator { name: name.into(), role };
-    let paths = pki::leaf_paths(&pki.dir, &id);
-    if !paths.cert.exists() {
-        pki::issue(&pki.dir, &id, pki::LEAF_VALIDITY, false).unwrap();
-    }
-    paths
 }
 
 /// The controller answers its health check over a fresh connection.
@@ -732,8 +722,8 @@ async fn request_limits_refuse_clearly_and_spare_streams() {
     let url = controller.url();
 
     // Per client: alice's sixth call at once is over her burst; bob is not affected.
-    let mut alice = FleetClient::new(channel(&pki, &url, &operator(&pki, "alice", Role::Admin)).await);
-    let mut bob = FleetClient::new(channel(&pki, &url, &operator(&pki, "bob", Role::Admin)).await);
+    let mut alice = FleetClient::new(channel(&pki, &url, &pki.operator("alice", Role::Admin)).await);
+    let mut bob = FleetClient::new(channel(&pki, &url, &pki.operator("bob", Role::Admin)).await);
     for _ in 0..5 {
         alice.list_nodes(pb::ListNodesRequest {}).await.unwrap();
     }
@@ -756,7 +746,7 @@ async fn request_limits_refuse_clearly_and_spare_streams() {
     assert!(matches!(silent_in.message().await.unwrap().unwrap().body, Some(Down::Welcome(_))));
 
     // A watcher (carol) opened before: its stream must outlive the request timeout.
-    let mut carol = FleetClient::new(channel(&pki, &url, &operator(&pki, "carol", Role::Viewer)).await);
+    let mut carol = FleetClient::new(channel(&pki, &url, &pki.operator("carol", Role::Viewer)).await);
     let mut watch = carol.watch_telemetry(pb::WatchTelemetryRequest::default()).await.unwrap().into_inner();
     let opened = Instant::now();
 
@@ -773,7 +763,7 @@ async fn request_limits_refuse_clearly_and_spare_streams() {
         }
     });
     // ...so dave is shed at once rather than queued.
-    let mut dave = FleetClient::new(channel(&pki, &url, &operator(&pki, "dave", Role::Admin)).await);
+    let mut dave = FleetClient::new(channel(&pki, &url, &pki.operator("dave", Role::Admin)).await);
     let deadline = Instant::now() + PATIENCE;
     let shed = loop {
         match dave.list_nodes(pb::ListNodesRequest {}).await {

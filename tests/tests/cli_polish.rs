@@ -9,8 +9,7 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use flotilla_common::pki::{self, CertPaths};
-use flotilla_common::{Identity, Role};
+use flotilla_common::Role;
 use flotilla_tests::{Agent, AgentOpts, Controller, Pki, Proc, bin, eventually, flotctl, flotctl_as, flotctl_command};
 
 /// One rule that holds for every GPU at once, so an alert with annotations is firing.
@@ -204,11 +203,6 @@ fn completion_scripts_and_man_pages_come_from_the_grammar() {
     }
 }
 
-/// An operator certificate of `role` from the CA in `pki`.
-fn operator(pki: &Pki, name: &str, role: Role) -> CertPaths {
-    pki::issue(&pki.dir, &Identity::Operator { name: name.into(), role }, pki::LEAF_VALIDITY, false).unwrap()
-}
-
 #[test]
 fn errors_say_what_went_wrong_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,7 +229,7 @@ fn errors_say_what_went_wrong_and_what_to_do() {
     assert!(err.contains("nope.pem") && err.contains("--cacert, --cert and --key paths"), "{err}");
 
     // The wrong role: PERMISSION_DENIED names the role needed and who can help.
-    let viewer = operator(&pki, "val", Role::Viewer);
+    let viewer = pki.operator("val", Role::Viewer);
     let err = failed(&flotctl_as(&pki.ca(), &viewer, &url, &["nodes", "revoke", "gpu-a", "--reason", "test"]));
     assert!(err.contains("needs role admin") && err.contains("ask an admin"), "{err}");
 

@@ -108,7 +108,9 @@ fn signed_commands_run_and_are_audited() {
     // Someone edits a record in the store directly: verify names it.
     assert!(controller.proc.terminate().success());
     {
-        let db = sled::open(controller.data_dir.join("store")).unwrap();
+        let db = flotilla_controller::store::sled_config(&controller.data_dir.join("store"), Default::default())
+            .open()
+            .unwrap();
         let audit = db.open_tree("audit").unwrap();
         let key = 3u64.to_be_bytes();
         let raw = audit.get(key).unwrap().unwrap();
@@ -124,4 +126,60 @@ fn signed_commands_run_and_are_audited() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken at record 3"), "{err}");
+}
+
+/// `flotctl exec --selector` over more nodes at once than the controller's
+/// per-client rate limit lets through: the refused calls (refused before they
+/// run, with `grpc-retry-pushback-ms`) are made again after the pushback, so
+/// every node runs the command exactly once and the fan-out succeeds.
+#[test]
+fn a_fan_out_over_the_rate_limit_waits_its_turn_and_runs_everywhere() {
+    use flotilla_common::Role;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let config = "[limits]\nrequests_per_second_per_client = 2.0\nburst_per_client = 3\n";
+    let controller = Controller::start_configured(dir.path(), &pki, config);
+    let url = controller.url();
+    let key = controller.data_dir.join("command-signing.pub");
+    let nodes: Vec<String> = (0..8).map(|i| format!("gpu-{i}")).collect();
+    let _agents: Vec<Agent> = nodes
+        .iter()
+        .map(|node| {
+            let config = format!("command_key = \"{}\"\n[labels]\nrack = \"r7\"\n", key.display());
+            let opts = AgentOpts { config_toml: Some(config), ..Default::default() };
+            Agent::start(dir.path(), &pki, &url, node, opts)
+        })
+        .collect();
+    for node in &nodes {
+        wait_state(&pki, &url, node, "up");
+    }
+
+    // A fresh identity, so that its bucket is full: three calls pass, five are pushed back.
+    let ops = pki.operator("fanout", Role::Operator);
+    let out = flotilla_tests::flotctl_as(
+        &pki.ca(),
+        &ops,
+        &url,
+        &["exec", "noop", "--selector", "rack=r7", "--batch", "8", "-o", "json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let results = json(&out);
+    let mut ran: Vec<&str> = results["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{results}"))
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], "succeeded", "{r}");
+            r["node"].as_str().unwrap()
+        })
+        .collect();
+    ran.sort_unstable();
+    assert_eq!(ran, nodes.iter().map(String::as_str).collect::<Vec<_>>());
+    controller.proc.wait_for_log("client over its request rate");
+
+    // Each node ran it once: one issue per node in the audit log.
+    let audit = json(&flotctl(&pki, &url, &["audit", "ls", "-o", "json"]));
+    let issued = audit.as_array().unwrap().iter().filter(|r| r["action"] == "command.issue").count();
+    assert_eq!(issued, nodes.len(), "{audit}");
 }

@@ -6,25 +6,12 @@
 // Helpers here fail the test on setup errors, as the #[test] bodies do.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
-use flotilla_common::pki::{self, CertPaths};
-use flotilla_common::{Identity, Role};
+use flotilla_common::Role;
 use flotilla_tests::{
     Agent, AgentOpts, Controller, Pki, eventually, eventually_within, flotctl, flotctl_as, json, state_of, wait_state,
 };
-
-/// An operator certificate issued the way people do it: `flotctl cert issue --user --role`.
-fn operator_cert(pki: &Pki, user: &str, role: Role) -> CertPaths {
-    let out = Command::new(flotilla_tests::bin("flotctl"))
-        .args(["cert", "issue", "--user", user, "--role", role.as_str(), "--dir"])
-        .arg(&pki.dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    pki::leaf_paths(&pki.dir, &Identity::Operator { name: user.into(), role })
-}
 
 #[test]
 fn a_revoked_node_is_cut_off_refused_and_audited() {
@@ -39,7 +26,7 @@ fn a_revoked_node_is_cut_off_refused_and_audited() {
 
     // A viewer and an operator may not revoke.
     for (user, role) in [("vic", Role::Viewer), ("olga", Role::Operator)] {
-        let cert = operator_cert(&pki, user, role);
+        let cert = pki.operator(user, role);
         let out = flotctl_as(&pki.ca(), &cert, &url, &["nodes", "revoke", "gpu-a", "--reason", "why not"]);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);

@@ -8,23 +8,12 @@
 // Helpers here fail the test on setup errors, as the #[test] bodies do.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use flotilla_common::pki::{self, CertPaths};
-use flotilla_common::{Identity, Role};
+use flotilla_common::Role;
 use flotilla_tests::{
     Agent, AgentOpts, Controller, Pki, eventually, flotctl, flotctl_as, flotctl_command, json, state_of, wait_state,
 };
-
-fn operator_cert(pki: &Pki, user: &str, role: Role) -> CertPaths {
-    let out = Command::new(flotilla_tests::bin("flotctl"))
-        .args(["cert", "issue", "--user", user, "--role", role.as_str(), "--dir"])
-        .arg(&pki.dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    pki::leaf_paths(&pki.dir, &Identity::Operator { name: user.into(), role })
-}
 
 /// The pending approvals, as `approvals ls -o json` lists them.
 fn pending(pki: &Pki, url: &str) -> Vec<serde_json::Value> {
@@ -46,8 +35,8 @@ fn destructive_verbs_wait_for_a_second_admin() {
     let _b = Agent::start(dir.path(), &pki, &url, "gpu-b", AgentOpts::default());
     wait_state(&pki, &url, "gpu-a", "up");
     wait_state(&pki, &url, "gpu-b", "up");
-    let alice = operator_cert(&pki, "alice", Role::Admin);
-    let olga = operator_cert(&pki, "olga", Role::Operator);
+    let alice = pki.operator("alice", Role::Admin);
+    let olga = pki.operator("olga", Role::Operator);
 
     // Alice asks to revoke gpu-b: held. Her flotctl says so and waits.
     let waiting =

@@ -563,7 +563,8 @@ async fn send(deps: &Deps, deployment: &str, number: u64, i: &Issued) -> Result<
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("audit log: {e}"))?;
-    let prepared = deps.commands.prepare_as(id, &node, &i.command, now_unix_ms()).map_err(|e| e.to_string())?;
+    let signed_at = deps.registry.agent_time(&node, now_unix_ms());
+    let prepared = deps.commands.prepare_as(id, &node, &i.command, signed_at).map_err(|e| e.to_string())?;
     let wait = result_wait(&i.command);
     let reply = deliver(&deps.registry, &deps.commands, &node, prepared, wait).await.map_err(|e| e.to_string())?;
     if matches!(i.command, Command::Deploy { .. } | Command::Drain { .. } | Command::GatewaySet(_)) {

@@ -388,14 +388,7 @@ impl StreamSession {
         let last_seen = crate::registry::unix_ms_at(closed.last_heard);
         let store = self.ctx.store.clone();
         let node = self.node.clone();
-        let saved = blocking("saving last seen", move || {
-            if let Some(mut record) = store.node(&node)? {
-                record.last_seen_unix_ms = last_seen;
-                store.commit_node(&record)?;
-            }
-            Ok(())
-        })
-        .await;
+        let saved = blocking("saving last seen", move || store.save_last_seen(&node, last_seen)).await;
         if saved.is_ok() {
             tracing::info!("agent disconnected");
         }

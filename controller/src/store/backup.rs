@@ -379,7 +379,7 @@ pub fn restore(path: &Path, data_dir: &Path) -> Result<Summary, BackupError> {
         }
     }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
-    let db = sled::Config::new().path(&store_path).open()?;
+    let db = super::sled_config(&store_path, super::StoreOptions::default()).open()?;
     let mut tree: Option<sled::Tree> = None;
     let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
     walk(path, |item| {
@@ -438,7 +438,7 @@ mod tests {
         assert_eq!(summary.files, vec!["command-signing.pub".to_owned()]);
         let data = dir.path().join("data");
         restore(&path, &data).unwrap();
-        let db = sled::open(data.join("store")).unwrap();
+        let db = super::super::sled_config(&data.join("store"), super::super::StoreOptions::default()).open().unwrap();
         assert_eq!(db.open_tree(keys::NODES).unwrap().get(b"gpu-b").unwrap().unwrap().as_ref(), b"record-b");
         assert_eq!(std::fs::read(data.join("command-signing.pub")).unwrap(), b"PUBLIC");
         drop(db);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use flotilla_common::NodeId;
 use flotilla_common::model::TelemetryBatch;
 
-use super::{AlertChanges, Committed, EntryVisitor, NodeRecord, SledStore, Store, StoreError};
+use super::{AlertChanges, Committed, EntryVisitor, NodeRecord, SledStore, Store, StoreError, StoreOptions};
 use crate::alert::state::{AlertEvent, AlertRecord, Silence};
 use crate::rollup::{Aggregate, MinuteRollup, SeriesKey};
 
@@ -31,7 +31,7 @@ const BUSY_RETRY: Duration = Duration::from_millis(50);
 /// A [`SledStore`] that is reopened after a write failed, once the disk takes writes again.
 pub struct HealingStore {
     path: PathBuf,
-    cache_bytes: u64,
+    options: StoreOptions,
     /// `None` only between closing the broken database and a reopen that failed.
     current: RwLock<Option<Arc<SledStore>>>,
     /// While broken: when the disk was last tried. Locked only with `try_lock`
@@ -46,12 +46,12 @@ impl std::fmt::Debug for HealingStore {
 }
 
 impl HealingStore {
-    /// Opens the store at `path` (see [`SledStore::open_with_cache`]).
-    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let store = SledStore::open_with_cache(path, cache_bytes)?;
+    /// Opens the store at `path` (see [`SledStore::open_with`]).
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        let store = SledStore::open_with(path, options)?;
         Ok(Self {
             path: path.to_owned(),
-            cache_bytes,
+            options,
             current: RwLock::new(Some(Arc::new(store))),
             broken: Mutex::new(None),
         })
@@ -126,7 +126,7 @@ impl HealingStore {
             // sled's lock on its files goes with the last handle.
             drop(old);
         }
-        match SledStore::open_with_cache(&self.path, self.cache_bytes) {
+        match SledStore::open_with(&self.path, self.options) {
             Ok(store) => {
                 *slot = Some(Arc::new(store));
                 tracing::info!(path = %self.shown(), "store reopened after a failed write; writes resume");
@@ -182,6 +182,9 @@ fn probe(store: &Path) -> std::io::Result<()> {
 impl Store for HealingStore {
     fn commit_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         self.write(|s| s.commit_node(node))
+    }
+    fn save_last_seen(&self, id: &NodeId, last_seen_unix_ms: i64) -> Result<(), StoreError> {
+        self.write(|s| s.save_last_seen(id, last_seen_unix_ms))
     }
     fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
         self.with(|s| s.node(id))
@@ -329,7 +332,11 @@ mod tests {
         assert!(is_disk_full(&io));
         assert!(!is_disk_full(&std::io::Error::from(std::io::ErrorKind::PermissionDenied)));
         let dir = tempfile::tempdir().unwrap();
-        let store = HealingStore::open(&dir.path().join("store"), 16 * 1024 * 1024).unwrap();
+        let store = HealingStore::open(
+            &dir.path().join("store"),
+            StoreOptions { cache_bytes: 16 * 1024 * 1024, compress_new: true },
+        )
+        .unwrap();
         let error = StoreError::Sled { op: "flush telemetry", source: sled::Error::Io(io) };
         let shown = store.on_error(error).to_string();
         assert!(shown.contains("no space left") && shown.contains("flush telemetry"), "{shown}");
@@ -341,7 +348,11 @@ mod tests {
     #[test]
     fn a_broken_store_is_reopened_with_what_was_flushed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = HealingStore::open(&dir.path().join("store"), 16 * 1024 * 1024).unwrap();
+        let store = HealingStore::open(
+            &dir.path().join("store"),
+            StoreOptions { cache_bytes: 16 * 1024 * 1024, compress_new: true },
+        )
+        .unwrap();
         store.commit_batches(&[batch(1), batch(2)]).unwrap();
         let node = NodeId::new("gpu-1").unwrap();
         // A call still running on the old database (`held`): the reopen waits for a later write.

@@ -13,6 +13,50 @@ use crate::rollup::{Aggregate, MinuteRollup, SeriesKey, minute_of};
 /// sled's own default page cache, 1 GiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
 
+/// The zstd level of a compressed store: the fastest. Telemetry batches
+/// compress to about half at it, and the committer pays for every page it writes.
+const COMPRESSION_LEVEL: i32 = 1;
+
+/// How a [`SledStore`] is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// sled's page cache in bytes.
+    pub cache_bytes: u64,
+    /// Whether a store created now compresses what it writes (zstd). sled fixes
+    /// this when a store is created: an existing store keeps its own choice.
+    pub compress_new: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { cache_bytes: DEFAULT_CACHE_BYTES, compress_new: true }
+    }
+}
+
+/// Whether the sled database at `path` was created compressed: `None` when
+/// there is none yet (or its `conf` file does not say, which sled itself refuses).
+pub fn created_compressed(path: &Path) -> Option<bool> {
+    // Text lines, then a 4-byte checksum (not text).
+    let conf = std::fs::read(path.join("conf")).ok()?;
+    String::from_utf8_lossy(&conf).lines().find_map(|line| match line.trim().strip_prefix("use_compression:")?.trim() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    })
+}
+
+/// sled's settings for the database at `path`: compressed as it was created,
+/// or as `options` ask for a new one (sled refuses to open a database with the
+/// other setting).
+pub fn sled_config(path: &Path, options: StoreOptions) -> sled::Config {
+    let compress = created_compressed(path).unwrap_or(options.compress_new);
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(options.cache_bytes)
+        .use_compression(compress)
+        .compression_factor(COMPRESSION_LEVEL)
+}
+
 /// The embedded default store: one sled database in the controller's data dir.
 pub struct SledStore {
     db: sled::Db,
@@ -77,21 +121,18 @@ impl SledStore {
         self.db.open_tree(name).map_err(sled_err("open a tree to copy"))
     }
 
-    /// Opens (or creates) the store at `path` with sled's default page cache,
+    /// Opens (or creates) the store at `path` with the default [`StoreOptions`],
     /// checking and migrating the schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+        Self::open_with(path, StoreOptions::default())
     }
 
-    /// [`SledStore::open`] with a page cache of `cache_bytes` (sled's cache is
-    /// most of a busy controller's memory).
-    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+    /// [`SledStore::open`] with `options` (sled's cache is most of a busy
+    /// controller's memory).
+    pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|source| StoreError::Open { path: shown.clone(), source })?;
+        let db =
+            sled_config(path, options).open().map_err(|source| StoreError::Open { path: shown.clone(), source })?;
         let meta = db.open_tree(keys::META).map_err(sled_err("open meta tree"))?;
         let found = match meta.get(keys::SCHEMA_VERSION_KEY).map_err(sled_err("read schema version"))? {
             Some(bytes) => {
@@ -435,6 +476,26 @@ impl Store for SledStore {
         self.nodes.insert(node.id.as_str().as_bytes(), codec::encode(node)?).map_err(sled_err("write node"))?;
         self.db.flush().map_err(sled_err("flush node"))?;
         Ok(())
+    }
+
+    fn save_last_seen(&self, id: &NodeId, last_seen_unix_ms: i64) -> Result<(), StoreError> {
+        let _gate = self.writing();
+        let key = id.as_str().as_bytes();
+        // Compare-and-swap, so that a record written meanwhile (the agent
+        // reconnected) is never overwritten with this older copy.
+        loop {
+            let Some(old) = self.nodes.get(key).map_err(sled_err("read node"))? else { return Ok(()) };
+            let mut record: NodeRecord = codec::decode(key, &old)?;
+            if record.last_seen_unix_ms >= last_seen_unix_ms {
+                return Ok(());
+            }
+            record.last_seen_unix_ms = last_seen_unix_ms;
+            let new = codec::encode(&record)?;
+            match self.nodes.compare_and_swap(key, Some(old), Some(new)).map_err(sled_err("write node"))? {
+                Ok(()) => return Ok(()),
+                Err(_) => continue,
+            }
+        }
     }
 
     fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
@@ -783,6 +844,25 @@ mod tests {
     }
 
     #[test]
+    fn last_seen_only_moves_forward_and_never_creates_a_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = NodeId::new("a").unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.save_last_seen(&a, 50).unwrap();
+            assert_eq!(store.node(&a).unwrap(), None, "an unknown node stays unknown");
+            store.commit_node(&node("a")).unwrap();
+            store.save_last_seen(&a, 50).unwrap();
+            store.save_last_seen(&a, 40).unwrap();
+            assert_eq!(store.node(&a).unwrap().unwrap().last_seen_unix_ms, 50, "an older time never wins");
+        }
+        // Dropping the store flushes it.
+        let store = SledStore::open(dir.path()).unwrap();
+        let record = store.node(&a).unwrap().unwrap();
+        assert_eq!((record.first_seen_unix_ms, record.last_seen_unix_ms), (1, 50));
+    }
+
+    #[test]
     fn batches_are_deduplicated_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let a = NodeId::new("a").unwrap();
@@ -799,6 +879,33 @@ mod tests {
         assert_eq!(store.latest_batch(&a).unwrap().unwrap().seq, 2);
         assert_eq!(store.batches(&a, 1, 10).unwrap().len(), 2);
         assert_eq!(store.commit_batches(&[(a.clone(), batch(2, 20))]).unwrap(), [Committed::Duplicate]);
+    }
+
+    #[test]
+    fn a_store_keeps_the_compression_it_was_created_with() {
+        let a = NodeId::new("a").unwrap();
+        let plain = tempfile::tempdir().unwrap();
+        let off = StoreOptions { compress_new: false, ..StoreOptions::default() };
+        {
+            let store = SledStore::open_with(plain.path(), off).unwrap();
+            store.commit_batches(&[(a.clone(), batch(1, 10))]).unwrap();
+        }
+        assert_eq!(created_compressed(plain.path()), Some(false));
+        // Opened again asking for compression: sled would refuse the other setting.
+        let store = SledStore::open(plain.path()).unwrap();
+        assert_eq!(store.batches(&a, 1, 10).unwrap().len(), 1);
+        drop(store);
+        assert_eq!(created_compressed(plain.path()), Some(false));
+
+        let packed = tempfile::tempdir().unwrap();
+        assert_eq!(created_compressed(packed.path()), None);
+        {
+            let store = SledStore::open(packed.path()).unwrap();
+            store.commit_batches(&[(a.clone(), batch(1, 10))]).unwrap();
+        }
+        assert_eq!(created_compressed(packed.path()), Some(true), "new stores are compressed by default");
+        let store = SledStore::open_with(packed.path(), off).unwrap();
+        assert_eq!(store.latest_batch(&a).unwrap().unwrap().seq, 1);
     }
 
     #[test]

@@ -109,8 +109,13 @@ pub async fn run(args: ExecArgs, conn: &Connection) -> anyhow::Result<()> {
                 spec_yaml: spec_yaml.clone(),
             };
             running.spawn(async move {
-                // A two-person-rule hold waits here for the second admin.
-                let answer = client.exec_command(req).await;
+                // Over the controller's rate limit, the call waits its turn; a
+                // two-person-rule hold waits here for the second admin.
+                let answer = crate::client::with_pushback(|| {
+                    let (mut client, req) = (client.clone(), req.clone());
+                    async move { client.exec_command(req).await }
+                })
+                .await;
                 match crate::approval::call_held(&format!("{command} on {node}"), &mut client, answer).await {
                     Ok(resp) => result_json(&resp),
                     Err(error) => json!({ "node": node, "status": "error", "detail": format!("{error:#}") }),

@@ -105,7 +105,7 @@ struct Args {
     /// GPUs per agent (samples per batch).
     #[arg(long, default_value_t = 8)]
     gpus_per_agent: u32,
-    /// Batch and heartbeat interval of every agent.
+    /// Batch interval of every agent; heartbeats as a real agent sends them (the same, at most 2 s).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     interval: Duration,
     /// Measurement window.
@@ -1174,7 +1174,7 @@ async fn open(index: usize, node: &SimNode, plan: &Plan) -> Result<(Outbox, Stre
         protocol_version: PROTOCOL_VERSION,
         node_id: node.id.to_string(),
         inventory: Some(inventory(&node.id, index, if node.gateway { 0 } else { plan.gpus }, node.gateway)),
-        heartbeat_interval_ms: u32::try_from(plan.interval.as_millis())?,
+        heartbeat_interval_ms: u32::try_from(heartbeat_of(plan.interval).as_millis())?,
     };
     send(&tx, Up::Hello(hello)).await?;
     let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
@@ -1182,6 +1182,12 @@ async fn open(index: usize, node: &SimNode, plan: &Plan) -> Result<(Outbox, Stre
         Some(pb::ControllerMessage { body: Some(Down::Welcome(_)) }) => Ok((tx, inbound)),
         _ => bail!("the first message was not a welcome"),
     }
+}
+
+/// The heartbeat interval a real agent with this telemetry interval and no
+/// `heartbeat_interval` of its own uses.
+fn heartbeat_of(interval: Duration) -> Duration {
+    interval.min(flotilla_agent::config::DEFAULT_HEARTBEAT_CAP)
 }
 
 /// Sends a batch and a heartbeat every interval, matches acks to batches and
@@ -1199,7 +1205,8 @@ async fn stream(
     let offset = plan.interval.mul_f64(index as f64 / plan.agents as f64);
     let first = next_tick(plan.epoch + offset, plan.interval, Instant::now());
     let mut batches = tokio::time::interval_at(first, plan.interval);
-    let mut heartbeats = tokio::time::interval_at(first + plan.interval / 2, plan.interval);
+    let heartbeat = heartbeat_of(plan.interval);
+    let mut heartbeats = tokio::time::interval_at(first + heartbeat / 2, heartbeat);
     heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let gpus = if host.gateway { 0 } else { plan.gpus };
     let uuids: Vec<String> = (0..gpus).map(|g| gpu_uuid(index, g)).collect();

@@ -66,10 +66,11 @@ pub async fn exec(
             "node {node} is not connected; `flotctl nodes ls` shows its state"
         )));
     }
-    let prepared = ctx.commands.prepare(&node, &command, now_unix_ms()).map_err(|e| {
-        tracing::error!(error = %e, "signing a command failed");
-        Status::internal("signing the command failed; see the controller log")
-    })?;
+    let prepared =
+        ctx.commands.prepare(&node, &command, ctx.registry.agent_time(&node, now_unix_ms())).map_err(|e| {
+            tracing::error!(error = %e, "signing a command failed");
+            Status::internal("signing the command failed; see the controller log")
+        })?;
     let id = prepared.0;
     let mut args: Vec<(&String, &String)> = req.args.iter().collect();
     args.sort();

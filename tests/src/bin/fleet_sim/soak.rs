@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tokio::time::Instant;
 
 use super::{Controller, Tally, machine, round3};
@@ -50,10 +50,16 @@ pub struct SpaceReport {
     space_amplification: f64,
 }
 
-/// Opens the stopped controller's store (sled) and counts its entries.
+/// Opens the stopped controller's store (sled, `DATA_DIR/store`) and counts its entries.
 pub fn space(data_dir: &Path) -> Result<SpaceReport> {
-    let (file_bytes, allocated) = machine::disk_bytes(data_dir);
-    let db = sled::Config::new().path(data_dir).open().context("open the store after the run")?;
+    let path = data_dir.join("store");
+    if !path.is_dir() {
+        bail!("no store at {}", path.display());
+    }
+    let (file_bytes, allocated) = machine::disk_bytes(&path);
+    let db = flotilla_controller::store::sled_config(&path, flotilla_controller::store::StoreOptions::default())
+        .open()
+        .context("open the store after the run")?;
     let (mut logical, mut entries) = (0u64, 0u64);
     for name in db.tree_names() {
         let tree = db.open_tree(&name).context("open a tree")?;
