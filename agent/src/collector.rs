@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use flotilla_common::model::{CollectorStatus, TelemetryBatch};
 use flotilla_common::time::now_unix_ms;
+use flotilla_proto::pb;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,7 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
     let Sources { mut gpu, mut host, mut inference, mut traffic } = sources;
     let start = Instant::now();
     let mut last_gpu_error: Option<String> = None;
+    let mut last_refusal: Option<String> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -114,8 +116,75 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
         }
         let batch =
             TelemetryBatch { seq: 0, created_unix_ms: now_unix_ms(), gpus, host: host_sample, samples, collectors };
+        let (batch, refused) = deliverable(batch);
+        match refused {
+            None if last_refusal.take().is_some() => tracing::info!("telemetry passes the controller's checks again"),
+            None => {}
+            Some(reason) if last_refusal.as_deref() != Some(reason.as_str()) => {
+                tracing::error!(%reason, "a reading the controller would refuse; this interval's readings were dropped");
+                last_refusal = Some(reason);
+            }
+            Some(_) => {}
+        }
         if tx.send(batch).await.is_err() {
             return;
         }
+    }
+}
+
+/// Checks `batch` with the controller's own conversion before it is queued. The
+/// controller refuses a batch that fails its checks (closing the stream), and an
+/// unacknowledged batch is sent again on every reconnect: one bad reading would
+/// stop the node's telemetry for good. A batch that fails keeps only its
+/// collector statuses, plus a failing `telemetry` collector saying why, so the
+/// node still reports and shows degraded with the reason. Returns the batch to
+/// send and, when it was stripped, why.
+fn deliverable(batch: TelemetryBatch) -> (TelemetryBatch, Option<String>) {
+    let mut wire = pb::TelemetryBatch::from(batch.clone());
+    wire.seq = 1; // the uplink numbers batches as it takes them
+    let Err(error) = TelemetryBatch::try_from(wire) else { return (batch, None) };
+    let reason = format!("the controller would refuse this interval's readings ({error})");
+    let mut collectors = batch.collectors;
+    collectors.push(CollectorStatus { name: "telemetry".into(), healthy: false, error: reason.clone() });
+    let stripped = TelemetryBatch { gpus: Vec::new(), host: None, samples: Vec::new(), collectors, ..batch };
+    (stripped, Some(reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_common::model::GpuSample;
+
+    use super::*;
+
+    fn batch(used: u64) -> TelemetryBatch {
+        TelemetryBatch {
+            seq: 0,
+            created_unix_ms: 1_700_000_000_000,
+            gpus: vec![GpuSample {
+                index: 0,
+                uuid: "GPU-0".into(),
+                memory_used_bytes: Some(used),
+                memory_total_bytes: Some(80),
+                ..Default::default()
+            }],
+            host: None,
+            samples: Vec::new(),
+            collectors: vec![CollectorStatus { name: "gpu".into(), healthy: true, error: String::new() }],
+        }
+    }
+
+    #[test]
+    fn a_batch_the_controller_would_refuse_is_sent_without_its_readings_and_says_why() {
+        assert_eq!(deliverable(batch(40)), (batch(40), None));
+
+        let (sent, reason) = deliverable(batch(90));
+        let reason = reason.expect("stripped");
+        assert!(reason.contains("memory_used_bytes") && reason.contains("exceeds"), "{reason}");
+        assert!(sent.gpus.is_empty() && sent.samples.is_empty() && sent.host.is_none());
+        let names: Vec<(&str, bool)> = sent.collectors.iter().map(|c| (c.name.as_str(), c.healthy)).collect();
+        assert_eq!(names, [("gpu", true), ("telemetry", false)]);
+        let mut wire = pb::TelemetryBatch::from(sent);
+        wire.seq = 7;
+        assert!(TelemetryBatch::try_from(wire).is_ok(), "what is sent instead passes");
     }
 }
