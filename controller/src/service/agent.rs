@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::{Context, blocking};
 use crate::ingest::Job;
 use crate::registry::{Downlink, Session};
-use crate::store::NodeRecord;
+use crate::store::{NodeRecord, StoreError};
 
 /// The AgentService implementation.
 #[derive(Debug, Clone)]
@@ -59,15 +59,26 @@ impl AgentService for AgentApi {
         let hello = read_hello(&mut inbound, self.ctx.config.agents.hello_timeout).await?;
         let (inventory, containers, interval) = check_hello(&self.ctx, &cert_node, hello)?;
 
-        // Save the inventory durably before welcoming the agent.
+        // Save the inventory durably before welcoming the agent. While the
+        // store takes no writes (disk full), a node it already knows is welcomed
+        // anyway with its new inventory in memory only: its batches are not
+        // acknowledged until writes resume, but it is not called down meanwhile
+        // (the record is saved on its next connection). A new node waits.
         let store = self.ctx.store.clone();
         let id = cert_node.clone();
         let (record, last_seq) = blocking("saving node inventory", move || {
             let now = now_unix_ms();
-            let first_seen = store.node(&id)?.map_or(now, |r| r.first_seen_unix_ms);
+            let known = store.node(&id)?;
+            let first_seen = known.as_ref().map_or(now, |r| r.first_seen_unix_ms);
             let record =
                 NodeRecord { id: id.clone(), inventory, first_seen_unix_ms: first_seen, last_seen_unix_ms: now };
-            store.commit_node(&record)?;
+            match store.commit_node(&record) {
+                Ok(()) => {}
+                Err(error @ (StoreError::DiskFull { .. } | StoreError::Reopening { .. })) if known.is_some() => {
+                    tracing::warn!(%error, "welcoming a known node without saving its inventory");
+                }
+                Err(error) => return Err(error),
+            }
             let last_seq = store.latest_batch(&id)?.map_or(0, |b| b.seq);
             Ok((record, last_seq))
         })
