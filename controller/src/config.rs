@@ -27,8 +27,9 @@ pub struct Config {
     /// sled's page cache in bytes: most of a busy controller's memory (default 1 GiB).
     pub store_cache_bytes: u64,
     /// Whether a new store compresses what it writes (zstd, fastest level; default
-    /// on): about half the disk for a little CPU on the commit path. sled fixes
-    /// it when the store is created; an existing store keeps its own.
+    /// off): a quarter to a half of the disk, for much more CPU on the commit path
+    /// (BENCHMARKS.md). sled fixes it when the store is created; an existing
+    /// store keeps its own.
     pub store_compression: bool,
     /// The fleet CA and the controller's server certificate (and, for
     /// enrollment and renewal, the CA key).
@@ -168,7 +169,7 @@ impl Default for Config {
             enroll_listen: None,
             data_dir: PathBuf::from("/var/lib/flotilla/controller"),
             store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
-            store_compression: true,
+            store_compression: false,
             tls: ControllerTls::default(),
             log_format: LogFormat::Text,
             tracing: TracingConfig::default(),

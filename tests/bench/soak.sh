@@ -13,7 +13,9 @@
 #   tests/bench/soak.sh 10m 1000 2m          # a short run: retention 2m, rollups 4m
 #
 # Usage: soak.sh [DURATION=1h] [AGENTS=1000] [RETENTION=10m] [OUT=soak.csv]
-# Rollups are kept twice RETENTION. Needs python3 for the summary.
+# Rollups are kept twice RETENTION. SOAK_STORE_COMPRESSION (true, as measured in
+# BENCHMARKS.md; the controller's default is false) sets store_compression.
+# Needs python3 for the summary.
 set -euo pipefail
 
 duration=${1:-1h}
@@ -21,6 +23,7 @@ agents=${2:-1000}
 retention=${3:-10m}
 csv=${4:-soak.csv}
 every=${SOAK_SAMPLE_EVERY:-60s}
+compression=${SOAK_STORE_COMPRESSION:-true}
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
@@ -40,12 +43,13 @@ rollup=$(($(seconds "$retention") * 2))s
 config=$(mktemp)
 trap 'rm -f "$config"' EXIT
 cat >"$config" <<EOF
+store_compression = $compression
 [telemetry]
 retention = "$retention"
 rollup_retention = "$rollup"
 EOF
 
-echo "soak: $agents agents for $duration, retention $retention, rollups $rollup, a sample every $every -> $csv" >&2
+echo "soak: $agents agents for $duration, retention $retention, rollups $rollup, compression $compression, a sample every $every -> $csv" >&2
 "$target/release/flotilla-fleet-sim" --agents "$agents" --gpus-per-agent 8 --interval 1s \
     --warmup 10s --duration "$duration" --controller-config "$config" \
     --samples-csv "$csv" --sample-every "$every" >"$csv.json"
