@@ -135,19 +135,41 @@ pub async fn run(sources: Sources, interval: Duration, tx: mpsc::Sender<Telemetr
 /// Checks `batch` with the controller's own conversion before it is queued. The
 /// controller refuses a batch that fails its checks (closing the stream), and an
 /// unacknowledged batch is sent again on every reconnect: one bad reading would
-/// stop the node's telemetry for good. A batch that fails keeps only its
-/// collector statuses, plus a failing `telemetry` collector saying why, so the
-/// node still reports and shows degraded with the reason. Returns the batch to
-/// send and, when it was stripped, why.
+/// stop the node's telemetry for good. A batch that fails loses the part the
+/// failure names (its GPU readings, its host reading or its named samples), or
+/// every reading should that not do, and gains a failing `telemetry` collector
+/// saying why, so the node still reports and shows degraded with the reason.
+/// Returns the batch to send and, when something was dropped, why.
 fn deliverable(batch: TelemetryBatch) -> (TelemetryBatch, Option<String>) {
+    let Err(error) = check(&batch) else { return (batch, None) };
+    let mut kept = batch.clone();
+    let part = if error.field.starts_with("telemetry.gpus") {
+        kept.gpus.clear();
+        "GPU readings"
+    } else if error.field.starts_with("telemetry.host") {
+        kept.host = None;
+        "host reading"
+    } else if error.field.starts_with("telemetry.samples") {
+        kept.samples.clear();
+        "named samples"
+    } else {
+        ""
+    };
+    let (mut kept, dropped) = if part.is_empty() || check(&kept).is_err() {
+        (TelemetryBatch { gpus: Vec::new(), host: None, samples: Vec::new(), ..batch }, "readings")
+    } else {
+        (kept, part)
+    };
+    let reason = format!("the controller would refuse this interval's {dropped} ({error}); they were dropped");
+    kept.collectors.push(CollectorStatus { name: "telemetry".into(), healthy: false, error: reason.clone() });
+    (kept, Some(reason))
+}
+
+/// The controller's own checks on `batch` (numbered as the uplink will number it).
+fn check(batch: &TelemetryBatch) -> Result<(), flotilla_proto::WireError> {
     let mut wire = pb::TelemetryBatch::from(batch.clone());
-    wire.seq = 1; // the uplink numbers batches as it takes them
-    let Err(error) = TelemetryBatch::try_from(wire) else { return (batch, None) };
-    let reason = format!("the controller would refuse this interval's readings ({error})");
-    let mut collectors = batch.collectors;
-    collectors.push(CollectorStatus { name: "telemetry".into(), healthy: false, error: reason.clone() });
-    let stripped = TelemetryBatch { gpus: Vec::new(), host: None, samples: Vec::new(), collectors, ..batch };
-    (stripped, Some(reason))
+    wire.seq = 1;
+    TelemetryBatch::try_from(wire).map(drop)
 }
 
 #[cfg(test)]
@@ -174,17 +196,29 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_the_controller_would_refuse_is_sent_without_its_readings_and_says_why() {
+    fn a_batch_the_controller_would_refuse_loses_the_bad_part_and_says_why() {
         assert_eq!(deliverable(batch(40)), (batch(40), None));
 
-        let (sent, reason) = deliverable(batch(90));
-        let reason = reason.expect("stripped");
-        assert!(reason.contains("memory_used_bytes") && reason.contains("exceeds"), "{reason}");
-        assert!(sent.gpus.is_empty() && sent.samples.is_empty() && sent.host.is_none());
+        let mut bad = batch(90);
+        bad.samples.push(flotilla_common::model::Sample { name: "up".into(), labels: Default::default(), value: 1.0 });
+        let (sent, reason) = deliverable(bad);
+        let reason = reason.expect("something dropped");
+        assert!(reason.contains("GPU readings") && reason.contains("memory_used_bytes"), "{reason}");
+        assert!(sent.gpus.is_empty(), "the bad GPU reading goes");
+        assert_eq!(sent.samples.len(), 1, "the rest stays");
         let names: Vec<(&str, bool)> = sent.collectors.iter().map(|c| (c.name.as_str(), c.healthy)).collect();
         assert_eq!(names, [("gpu", true), ("telemetry", false)]);
-        let mut wire = pb::TelemetryBatch::from(sent);
-        wire.seq = 7;
-        assert!(TelemetryBatch::try_from(wire).is_ok(), "what is sent instead passes");
+        assert!(check(&sent).is_ok(), "what is sent instead passes");
+
+        let mut bad = batch(40);
+        bad.samples.push(flotilla_common::model::Sample {
+            name: "no spaces".into(),
+            labels: Default::default(),
+            value: 1.0,
+        });
+        let (sent, reason) = deliverable(bad);
+        assert!(reason.expect("dropped").contains("named samples"));
+        assert_eq!((sent.gpus.len(), sent.samples.len()), (1, 0));
+        assert!(check(&sent).is_ok());
     }
 }
